@@ -1,0 +1,1 @@
+//! Placeholder: this front end is built by a later issue.

@@ -1,0 +1,85 @@
+//! The compute backends. Every model is written once against [`Backend`]: the handful of tensor
+//! operations the LDM models need. The CPU implementation is candle ([`cpu::Cpu`]); a GPU one
+//! (WGSL through wgpu) implements the same trait.
+//!
+//! Tensors are float32 and contiguous from the model's point of view; shapes are plain
+//! `&[usize]` in PyTorch order (N, C, H, W).
+
+pub mod cpu;
+
+use crate::Result;
+
+/// Tensor operations the models are written against.
+///
+/// Elementwise binary operations broadcast like NumPy: shapes are right-aligned and a dimension
+/// of 1 stretches.
+pub trait Backend: Clone + Send + Sync + 'static {
+    type Tensor: Clone + Send + Sync + std::fmt::Debug;
+
+    /// A short name ("cpu", "webgpu"), for messages.
+    fn name(&self) -> &'static str;
+
+    fn dims(&self, t: &Self::Tensor) -> Vec<usize>;
+    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Reorders the dimensions (PyTorch `permute`); the result is laid out contiguously.
+    fn permute(&self, t: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
+    fn narrow(&self, t: &Self::Tensor, dim: usize, start: usize, len: usize) -> Result<Self::Tensor>;
+    fn cat(&self, ts: &[&Self::Tensor], dim: usize) -> Result<Self::Tensor>;
+
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `t * mul + add`.
+    fn affine(&self, t: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor>;
+    fn clamp(&self, t: &Self::Tensor, lo: f32, hi: f32) -> Result<Self::Tensor>;
+    fn silu(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+    /// GELU with the exact erf, as `torch.nn.functional.gelu` by default.
+    fn gelu(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+    fn softmax_last(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Batched matrix product `(..., m, k) x (..., k, n)`, batch dimensions equal.
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x (..., in)` times `w (out, in)` transposed, plus `b (out)`: `torch.nn.Linear`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    /// `torch.nn.Conv2d` with symmetric zero padding; `x (N, C, H, W)`, `w (O, C, kh, kw)`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self::Tensor>;
+    /// Zero padding of the last two dimensions: `[top, bottom, left, right]`.
+    fn pad2d(&self, x: &Self::Tensor, pad: [usize; 4]) -> Result<Self::Tensor>;
+    /// Nearest-neighbour upsampling by 2 of the last two dimensions.
+    fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `torch.nn.GroupNorm` over `(N, C, ...)`.
+    fn group_norm(
+        &self,
+        x: &Self::Tensor,
+        groups: usize,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f64,
+    ) -> Result<Self::Tensor>;
+    /// `torch.nn.LayerNorm` over the last dimension.
+    fn layer_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
+
+    /// Rows of `table (V, D)` picked by `ids`: `(ids.len(), D)`.
+    fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
+    /// For each row of `z (N, D)`, the row of `codebook (K, D)` nearest in Euclidean distance
+    /// (the first on ties, as `torch.argmin`).
+    fn vq_nearest(&self, z: &Self::Tensor, codebook: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Scaled dot-product attention over `(B, H, L, D)` tensors: `softmax(q k^T * scale) v`.
+    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, scale: f32) -> Result<Self::Tensor> {
+        let kt = self.permute(k, &[0, 1, 3, 2])?;
+        let scores = self.affine(&self.matmul(q, &kt)?, scale, 0.0)?;
+        let probs = self.softmax_last(&scores)?;
+        self.matmul(&probs, v)
+    }
+}

@@ -1,0 +1,12 @@
+//! ldm-core: the Latent Diffusion models, schedulers and pipelines of diffusers, in Rust.
+//!
+//! Everything that computes lives here; the front ends (`ldm` CLI, C ABI, wasm) only translate.
+
+pub mod backend;
+pub mod error;
+pub mod loading;
+pub mod models;
+pub mod nn;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,273 @@
+//! Layers shared by the models, written against [`Backend`]. Each layer keeps its own handle on
+//! the backend so that model code reads like the diffusers modules it reproduces.
+
+mod weights;
+
+pub use weights::Weights;
+
+use crate::backend::Backend;
+use crate::Result;
+
+/// `torch.nn.Linear`: weight `(out, in)`, optional bias `(out)`.
+pub struct Linear<B: Backend> {
+    be: B,
+    w: B::Tensor,
+    b: Option<B::Tensor>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn load(w: &Weights<B>, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let b = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        Ok(Self { be: w.backend().clone(), w: weight, b })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.be.linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+/// `torch.nn.Conv2d` with a square kernel and symmetric padding.
+pub struct Conv2d<B: Backend> {
+    be: B,
+    w: B::Tensor,
+    b: B::Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    pub fn load(w: &Weights<B>, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            be: w.backend().clone(),
+            w: w.get("weight", &[cout, cin, k, k])?,
+            b: w.get("bias", &[cout])?,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.be.conv2d(x, &self.w, Some(&self.b), self.stride, self.padding)
+    }
+}
+
+/// `torch.nn.GroupNorm` with affine parameters.
+pub struct GroupNorm<B: Backend> {
+    be: B,
+    groups: usize,
+    gamma: B::Tensor,
+    beta: B::Tensor,
+    eps: f64,
+}
+
+impl<B: Backend> GroupNorm<B> {
+    pub fn load(w: &Weights<B>, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{}: {channels} channels cannot be split into {groups} groups (norm_num_groups must divide every block's channels)",
+                w.source().location(None)
+            )));
+        }
+        Ok(Self {
+            be: w.backend().clone(),
+            groups,
+            gamma: w.get("weight", &[channels])?,
+            beta: w.get("bias", &[channels])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.be.group_norm(x, self.groups, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension.
+pub struct LayerNorm<B: Backend> {
+    be: B,
+    gamma: B::Tensor,
+    beta: B::Tensor,
+    eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn load(w: &Weights<B>, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { be: w.backend().clone(), gamma: w.get("weight", &[dim])?, beta: w.get("bias", &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.be.layer_norm(x, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+/// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`), computed on the host.
+///
+/// diffusers works in float32: the frequencies `exp(-ln(max_period) * i / (half - shift))` and
+/// the products `t * freq` are rounded to float32 before the sine, so we round at the same
+/// places; the sine and cosine themselves are computed in double precision, which keeps large
+/// arguments (t near 1000) exact where a GPU's float sine would not be.
+pub fn timestep_embedding(timesteps: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f32> {
+    let half = dim / 2;
+    let denom = half as f32 - freq_shift;
+    let neg_log = -(10000f32).ln();
+    let freqs: Vec<f32> = (0..half).map(|i| ((neg_log * i as f32) / denom).exp()).collect();
+    let mut out = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f64> = freqs.iter().map(|&f| (t * f) as f64).collect();
+        let sin = args.iter().map(|a| a.sin() as f32);
+        let cos = args.iter().map(|a| a.cos() as f32);
+        if flip_sin_to_cos {
+            out.extend(cos);
+            out.extend(sin);
+        } else {
+            out.extend(sin);
+            out.extend(cos);
+        }
+        if dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    out
+}
+
+/// diffusers `TimestepEmbedding`: linear, SiLU, linear.
+pub struct TimestepEmbedding<B: Backend> {
+    be: B,
+    linear_1: Linear<B>,
+    linear_2: Linear<B>,
+}
+
+impl<B: Backend> TimestepEmbedding<B> {
+    pub fn load(w: &Weights<B>, in_dim: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            be: w.backend().clone(),
+            linear_1: Linear::load(&w.pp("linear_1"), in_dim, dim, true)?,
+            linear_2: Linear::load(&w.pp("linear_2"), dim, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = self.be.silu(&self.linear_1.forward(x)?)?;
+        self.linear_2.forward(&h)
+    }
+}
+
+/// diffusers `ResnetBlock2D` (the "default" time embedding norm, no up/down sampling).
+pub struct ResnetBlock2D<B: Backend> {
+    be: B,
+    norm1: GroupNorm<B>,
+    conv1: Conv2d<B>,
+    time_emb_proj: Option<Linear<B>>,
+    norm2: GroupNorm<B>,
+    conv2: Conv2d<B>,
+    conv_shortcut: Option<Conv2d<B>>,
+    output_scale_factor: f32,
+}
+
+/// The settings a block passes to its resnets.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetCfg {
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f32,
+}
+
+impl<B: Backend> ResnetBlock2D<B> {
+    pub fn load(w: &Weights<B>, cin: usize, cout: usize, cfg: ResnetCfg) -> Result<Self> {
+        let time_emb_proj = match cfg.temb_channels {
+            Some(t) => Some(Linear::load(&w.pp("time_emb_proj"), t, cout, true)?),
+            None => None,
+        };
+        let conv_shortcut =
+            if cin != cout { Some(Conv2d::load(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
+        Ok(Self {
+            be: w.backend().clone(),
+            norm1: GroupNorm::load(&w.pp("norm1"), cfg.groups, cin, cfg.eps)?,
+            conv1: Conv2d::load(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj,
+            norm2: GroupNorm::load(&w.pp("norm2"), cfg.groups, cout, cfg.eps)?,
+            conv2: Conv2d::load(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, x: &B::Tensor, temb: Option<&B::Tensor>) -> Result<B::Tensor> {
+        let be = &self.be;
+        let mut h = self.conv1.forward(&be.silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&be.silu(t)?)?;
+            let d = be.dims(&t);
+            h = be.add(&h, &be.reshape(&t, &[d[0], d[1], 1, 1])?)?;
+        }
+        let h = self.conv2.forward(&be.silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = be.add(&skip, &h)?;
+        if self.output_scale_factor != 1.0 {
+            be.affine(&out, 1.0 / self.output_scale_factor, 0.0)
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// diffusers `Downsample2D` with a convolution: stride 2, and with `padding == 0` the
+/// asymmetric (0, 1, 0, 1) zero padding the autoencoders use.
+pub struct Downsample2D<B: Backend> {
+    be: B,
+    conv: Conv2d<B>,
+    pad_asym: bool,
+}
+
+impl<B: Backend> Downsample2D<B> {
+    pub fn load(w: &Weights<B>, cin: usize, cout: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            be: w.backend().clone(),
+            conv: Conv2d::load(&w.pp("conv"), cin, cout, 3, 2, padding)?,
+            pad_asym: padding == 0,
+        })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        if self.pad_asym {
+            self.conv.forward(&self.be.pad2d(x, [0, 1, 0, 1])?)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// diffusers `Upsample2D` with a convolution: nearest 2x, then a 3x3 convolution.
+pub struct Upsample2D<B: Backend> {
+    be: B,
+    conv: Conv2d<B>,
+}
+
+impl<B: Backend> Upsample2D<B> {
+    pub fn load(w: &Weights<B>, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self { be: w.backend().clone(), conv: Conv2d::load(&w.pp("conv"), cin, cout, 3, 1, 1)? })
+    }
+
+    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.conv.forward(&self.be.upsample_nearest2x(x)?)
+    }
+}
+
+/// Splits `(B, L, H*D)` into heads `(B, H, L, D)`.
+pub fn split_heads<B: Backend>(be: &B, x: &B::Tensor, heads: usize) -> Result<B::Tensor> {
+    let d = be.dims(x);
+    let x = be.reshape(x, &[d[0], d[1], heads, d[2] / heads])?;
+    be.permute(&x, &[0, 2, 1, 3])
+}
+
+/// Joins heads `(B, H, L, D)` back into `(B, L, H*D)`.
+pub fn merge_heads<B: Backend>(be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+    let d = be.dims(x);
+    let x = be.permute(x, &[0, 2, 1, 3])?;
+    be.reshape(&x, &[d[0], d[2], d[1] * d[3]])
+}

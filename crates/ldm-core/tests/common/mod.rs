@@ -1,0 +1,60 @@
+//! Helpers shared by the parity tests: fixture paths, reference tensors, error measures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ldm_core::backend::cpu::Cpu;
+use ldm_core::backend::Backend;
+use ldm_core::loading::{find_weights, SafetensorsFile, TensorSource};
+use ldm_core::nn::Weights;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+/// A reference file recorded from diffusers (`tests/reference/make_fixtures.py`).
+pub struct Reference(SafetensorsFile);
+
+impl Reference {
+    pub fn open(name: &str) -> Self {
+        Reference(SafetensorsFile::open(&fixtures().join("reference").join(format!("{name}.safetensors"))).unwrap())
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.0.meta(name).is_some()
+    }
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.0.meta(name).unwrap_or_else(|| panic!("reference tensor {name} missing")).shape
+    }
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        self.0.load_f32(name).unwrap()
+    }
+    /// Integer tensors (token ids, code indices) as stored: int64 little-endian.
+    pub fn tensor(&self, name: &str) -> <Cpu as Backend>::Tensor {
+        Cpu.upload(self.f32(name), &self.shape(name)).unwrap()
+    }
+}
+
+/// Weights of a component folder under `tests/fixtures`.
+pub fn weights(rel: &str, stems: &[&str]) -> Weights<Cpu> {
+    Weights::new(Cpu, find_weights(&fixtures().join(rel), stems).unwrap())
+}
+
+/// Max absolute difference; panics on a length mismatch.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// Asserts `ours` is within `tol * max(1, max|reference|)` of `reference`: outputs far from unit
+/// magnitude get a bound scaled by it, as float32 rounding is relative. Returns the error.
+pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) -> f32 {
+    let err = max_abs_diff(ours, reference);
+    let scale = max_abs(reference).max(1.0);
+    eprintln!("{what}: max abs error {err:.3e} (reference max |x| {:.3})", max_abs(reference));
+    assert!(err <= tol * scale, "{what}: max abs error {err:e} exceeds {tol:e} x {scale}");
+    err
+}

@@ -1,0 +1,116 @@
+//! Parity of every model with diffusers on the fixtures (max abs error 1e-4, scaled by the
+//! output's magnitude where it exceeds 1; see `common::assert_close`).
+
+mod common;
+
+use common::*;
+use ldm_core::backend::cpu::Cpu;
+use ldm_core::backend::Backend;
+use ldm_core::models::{unet_2d, unet_2d_condition};
+
+const TOL: f32 = 1e-4;
+
+fn unet_cond_case(folder: &str, reference: &str) {
+    let dir = fixtures().join(folder);
+    let cfg = unet_2d_condition::read_config(&dir).unwrap();
+    let w = weights(folder, &["diffusion_pytorch_model"]);
+    let unet = unet_2d_condition::UNet2DConditionModel::load(cfg, &dir, &w).unwrap();
+    assert!(w.unused().is_empty(), "unused tensors: {:?}", w.unused());
+    let r = Reference::open(reference);
+    let sample = r.tensor("sample");
+    let ctx = r.tensor("encoder_hidden_states");
+    let mut i = 0;
+    while r.has(&format!("out_{i}")) {
+        let t = r.f32(&format!("timestep_{i}"));
+        let out = unet.forward(&sample, &t, &ctx).unwrap();
+        assert_eq!(Cpu.dims(&out), r.shape(&format!("out_{i}")));
+        assert_close(&format!("{folder} t={t:?}"), &Cpu.download(&out).unwrap(), &r.f32(&format!("out_{i}")), TOL);
+        i += 1;
+    }
+    assert!(i >= 4, "expected several timesteps in {reference}");
+}
+
+#[test]
+fn unet_2d_condition_conv_projection_matches_diffusers() {
+    unet_cond_case("txt2img-tiny/unet", "unet_cond");
+}
+
+#[test]
+fn unet_2d_condition_linear_projection_matches_diffusers() {
+    unet_cond_case("unet-linear-proj", "unet_cond_linear");
+}
+
+#[test]
+fn unet_2d_matches_diffusers_with_old_attention_names() {
+    let folder = "superres-tiny/unet";
+    let dir = fixtures().join(folder);
+    let cfg = unet_2d::read_config(&dir).unwrap();
+    let w = weights(folder, &["diffusion_pytorch_model"]);
+    let unet = unet_2d::UNet2DModel::load(cfg, &dir, &w).unwrap();
+    assert!(w.unused().is_empty(), "unused tensors: {:?}", w.unused());
+    let r = Reference::open("unet2d");
+    let sample = r.tensor("sample");
+    let mut i = 0;
+    while r.has(&format!("out_{i}")) {
+        let t = r.f32(&format!("timestep_{i}"));
+        let out = unet.forward(&sample, &t).unwrap();
+        assert_close(&format!("unet2d t={t:?}"), &Cpu.download(&out).unwrap(), &r.f32(&format!("out_{i}")), TOL);
+        i += 1;
+    }
+    assert!(i >= 4);
+}
+
+#[test]
+fn ldm_bert_matches_transformers_on_recorded_token_ids() {
+    use ldm_core::models::ldm_bert;
+    let folder = "txt2img-tiny/bert";
+    let dir = fixtures().join(folder);
+    let w = weights(folder, &["model", "pytorch_model"]);
+    let bert = ldm_bert::LDMBertModel::load(ldm_bert::read_config(&dir).unwrap(), &dir, &w).unwrap();
+    assert!(w.unused().is_empty(), "unused tensors: {:?}", w.unused());
+    let tokens: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference/tokens.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(tokens["input_ids"].clone()).unwrap();
+    let out = bert.forward(&ids).unwrap();
+    let r = Reference::open("bert");
+    assert_eq!(Cpu.dims(&out), r.shape("last_hidden_state"));
+    assert_close("ldm_bert", &Cpu.download(&out).unwrap(), &r.f32("last_hidden_state"), TOL);
+}
+
+#[test]
+fn autoencoder_kl_decode_and_encode_match_diffusers() {
+    use ldm_core::models::autoencoder_kl;
+    let folder = "txt2img-tiny/vqvae";
+    let dir = fixtures().join(folder);
+    let w = weights(folder, &["diffusion_pytorch_model"]);
+    let vae = autoencoder_kl::AutoencoderKL::load(autoencoder_kl::read_config(&dir).unwrap(), &dir, &w).unwrap();
+    assert!(w.unused().is_empty(), "unused tensors: {:?}", w.unused());
+    let r = Reference::open("vae_kl");
+    let dec = vae.decode(&r.tensor("latents")).unwrap();
+    assert_eq!(Cpu.dims(&dec), r.shape("decoded"));
+    assert_close("vae_kl decode", &Cpu.download(&dec).unwrap(), &r.f32("decoded"), TOL);
+    let dist = vae.encode(&r.tensor("image")).unwrap();
+    assert_close("vae_kl encode mean", &Cpu.download(&dist.mean).unwrap(), &r.f32("encoded_mean"), TOL);
+    assert_close("vae_kl encode std", &Cpu.download(&dist.std).unwrap(), &r.f32("encoded_std"), TOL);
+}
+
+#[test]
+fn vq_model_quantize_decode_and_encode_match_diffusers() {
+    use ldm_core::models::vq_model;
+    let folder = "superres-tiny/vqvae";
+    let dir = fixtures().join(folder);
+    let w = weights(folder, &["diffusion_pytorch_model"]);
+    let vq = vq_model::VQModel::load(vq_model::read_config(&dir).unwrap(), &dir, &w).unwrap();
+    assert!(w.unused().is_empty(), "unused tensors: {:?}", w.unused());
+    let r = Reference::open("vq");
+    let latents = r.tensor("latents");
+    let q = vq.quantize(&latents).unwrap();
+    assert_close("vq quantized", &Cpu.download(&q).unwrap(), &r.f32("quantized"), TOL);
+    let dec = vq.decode(&latents, false).unwrap();
+    assert_eq!(Cpu.dims(&dec), r.shape("decoded"));
+    assert_close("vq decode", &Cpu.download(&dec).unwrap(), &r.f32("decoded"), TOL);
+    let dec = vq.decode(&latents, true).unwrap();
+    assert_close("vq decode unquantized", &Cpu.download(&dec).unwrap(), &r.f32("decoded_force_not_quantize"), TOL);
+    let enc = vq.encode(&r.tensor("image")).unwrap();
+    assert_close("vq encode", &Cpu.download(&enc).unwrap(), &r.f32("encoded"), TOL);
+}
