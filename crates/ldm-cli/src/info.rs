@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use clap::Args;
-use ldm_core::loading::{format_count, resolve_model, Component, ComponentKind, ModelFolder, WeightsSummary};
+use ldm_core::loading::{format_count, Component, ComponentKind, ModelFolder, WeightsSummary};
 use serde_json::Value;
 
 /// Arguments of `ldm info`.
@@ -58,7 +58,7 @@ fn key_fields(kind: ComponentKind) -> &'static [&'static str] {
 
 /// Prints the report for `args.model`.
 pub fn run(args: &InfoArgs) -> ldm_core::Result<()> {
-    let dir = resolve_model(&args.model)?;
+    let dir = crate::resolve_model(&args.model)?;
     let folder = ModelFolder::open(&dir)?;
     let mut out = String::new();
     if dir.as_os_str() == args.model.as_str() {
@@ -66,7 +66,11 @@ pub fn run(args: &InfoArgs) -> ldm_core::Result<()> {
     } else {
         writeln!(out, "model: {} ({})", args.model, dir.display()).ok();
     }
-    let version = folder.diffusers_version.as_deref().map(|v| format!(", diffusers {v}")).unwrap_or_default();
+    let version = folder
+        .diffusers_version
+        .as_deref()
+        .map(|v| format!(", diffusers {v}"))
+        .unwrap_or_default();
     if folder.is_single() {
         writeln!(out, "class: {} (single component{version})", folder.class_name).ok();
     } else {
@@ -123,7 +127,13 @@ fn describe(component: &Component, out: &mut String) -> ldm_core::Result<u64> {
         weights.tensors
     )
     .ok();
-    writeln!(out, "  parameters: {} ({})", format_count(weights.parameters), weights.parameters).ok();
+    writeln!(
+        out,
+        "  parameters: {} ({})",
+        format_count(weights.parameters),
+        weights.parameters
+    )
+    .ok();
     Ok(weights.parameters)
 }
 
@@ -131,7 +141,10 @@ fn describe(component: &Component, out: &mut String) -> ldm_core::Result<u64> {
 fn describe_tokenizer(dir: &Path, out: &mut String) {
     let mut files: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
-            entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().map(String::from)).collect()
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .collect()
         })
         .unwrap_or_default();
     files.sort();

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod generate;
 mod info;
+mod output;
 
 /// Latent Diffusion (a Rust port of diffusers' LDM pipelines).
 #[derive(Parser, Debug)]
@@ -28,14 +30,31 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Generate images from text prompts with a text-to-image model.
+    Txt2img(generate::Txt2ImgArgs),
+    /// Upscale an image 4x with a super-resolution model.
+    Superres(generate::SuperResArgs),
     /// Show a model's components: classes, key settings, weight files and parameter counts.
     Info(info::InfoArgs),
 }
 
 fn run(cli: Cli) -> ldm_core::Result<()> {
     match cli.command {
+        Command::Txt2img(args) => generate::txt2img(&args),
+        Command::Superres(args) => generate::superres(&args),
         Command::Info(args) => info::run(&args),
     }
+}
+
+/// Resolves `--model` (a folder or a hub id) with the environment's hub settings, showing
+/// download progress when stderr is a terminal.
+pub(crate) fn resolve_model(spec: &str) -> ldm_core::Result<std::path::PathBuf> {
+    use std::io::IsTerminal;
+    let options = ldm_core::loading::HubOptions {
+        progress: std::io::stderr().is_terminal(),
+        ..ldm_core::loading::HubOptions::from_env()
+    };
+    ldm_core::loading::resolve_model_with(spec, &options)
 }
 
 /// Writes a command's report to stdout. A closed pipe (`ldm info ... | head`) is not an error
@@ -54,7 +73,10 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("error: internal error: {msg}{at}");
     }));
     let cli = Cli::parse();

@@ -56,6 +56,10 @@ pub enum Error {
 
     #[error("cancelled")]
     Cancelled,
+
+    /// An image or array file that cannot be read or written; `what` names it (a path, an argument).
+    #[error("{what}: {msg}")]
+    Image { what: String, msg: String },
 }
 
 impl Error {

@@ -4,9 +4,13 @@
 
 pub mod backend;
 pub mod error;
+pub mod image;
 pub mod loading;
 pub mod models;
 pub mod nn;
+pub mod pipelines;
+pub mod rng;
+pub mod schedulers;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -127,9 +127,8 @@ impl Backend for Cpu {
         Ok(x.pad_with_zeros(r - 1, pad[2], pad[3])?)
     }
 
-    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        Ok(x.upsample_nearest2d(h * 2, w * 2)?)
+    fn upsample_nearest(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        Ok(x.upsample_nearest2d(h, w)?)
     }
 
     fn group_norm(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {

@@ -54,8 +54,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> Result<Self::Tensor>;
     /// Zero padding of the last two dimensions: `[top, bottom, left, right]`.
     fn pad2d(&self, x: &Self::Tensor, pad: [usize; 4]) -> Result<Self::Tensor>;
-    /// Nearest-neighbour upsampling by 2 of the last two dimensions.
-    fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Nearest-neighbour resize of the last two dimensions to `(h, w)`, as
+    /// `F.interpolate(mode="nearest")`: source index `floor(dst * in / out)`.
+    fn upsample_nearest(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
 
     /// `torch.nn.GroupNorm` over `(N, C, ...)`.
     fn group_norm(

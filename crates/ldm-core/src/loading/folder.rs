@@ -194,7 +194,10 @@ impl ModelFolder {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::NotFound { path: dir.to_path_buf(), what: "model folder".into() });
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                what: "model folder".into(),
+            });
         }
         let index = dir.join("model_index.json");
         if index.is_file() {
@@ -220,7 +223,10 @@ impl ModelFolder {
             .as_object()
             .ok_or_else(|| Error::config(index, "(root)", "expected a JSON object"))?;
         let class_name = string_field(index, &json, "_class_name")?;
-        let diffusers_version = json.get("_diffusers_version").and_then(|v| v.as_str()).map(String::from);
+        let diffusers_version = json
+            .get("_diffusers_version")
+            .and_then(|v| v.as_str())
+            .map(String::from);
         let mut components = Vec::new();
         for (name, entry) in map {
             if name.starts_with('_') {
@@ -234,9 +240,20 @@ impl ModelFolder {
             let (library, class) = match pair.as_slice() {
                 [serde_json::Value::String(l), serde_json::Value::String(c)] => (l.clone(), c.clone()),
                 _ => {
-                    return Err(Error::config(index, name, format!("expected [\"library\", \"ClassName\"], found {entry}")))
+                    return Err(Error::config(
+                        index,
+                        name,
+                        format!("expected [\"library\", \"ClassName\"], found {entry}"),
+                    ))
                 }
             };
+            if name.starts_with('.') || name.contains(['/', '\\', ':']) {
+                return Err(Error::config(
+                    index,
+                    name,
+                    "a component name must be a plain folder name",
+                ));
+            }
             let class = ComponentClass::from_name(&class).ok_or_else(|| Error::UnknownClass {
                 path: index.to_path_buf(),
                 component: name.clone(),
@@ -250,9 +267,19 @@ impl ModelFolder {
                     what: format!("folder of component `{name}` ({class}) listed in {}", index.display()),
                 });
             }
-            components.push(Component { name: name.clone(), library, class, dir: comp_dir });
+            components.push(Component {
+                name: name.clone(),
+                library,
+                class,
+                dir: comp_dir,
+            });
         }
-        Ok(Self { dir: dir.to_path_buf(), class_name, diffusers_version, components })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            class_name,
+            diffusers_version,
+            components,
+        })
     }
 
     fn open_single(dir: &Path, config: &Path) -> Result<Self> {
@@ -263,7 +290,11 @@ impl ModelFolder {
             .or_else(|| json.get("tokenizer_class"))
             .and_then(|v| v.as_str())
             .ok_or_else(|| {
-                Error::config(config, "_class_name", "missing: cannot tell which model class this folder holds")
+                Error::config(
+                    config,
+                    "_class_name",
+                    "missing: cannot tell which model class this folder holds",
+                )
             })?
             .to_string();
         let class = ComponentClass::from_name(&class_name).ok_or_else(|| Error::UnknownClass {
@@ -272,9 +303,22 @@ impl ModelFolder {
             class: class_name.clone(),
             supported: ComponentClass::supported(),
         })?;
-        let diffusers_version = json.get("_diffusers_version").and_then(|v| v.as_str()).map(String::from);
-        let component = Component { name: ".".into(), library: class.library().into(), class, dir: dir.to_path_buf() };
-        Ok(Self { dir: dir.to_path_buf(), class_name, diffusers_version, components: vec![component] })
+        let diffusers_version = json
+            .get("_diffusers_version")
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        let component = Component {
+            name: ".".into(),
+            library: class.library().into(),
+            class,
+            dir: dir.to_path_buf(),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            class_name,
+            diffusers_version,
+            components: vec![component],
+        })
     }
 
     /// Whether this is a folder holding one component rather than a pipeline.
@@ -287,10 +331,13 @@ impl ModelFolder {
         if self.is_single() {
             return Ok(&self.components[0]);
         }
-        self.components.iter().find(|c| c.name == name).ok_or_else(|| Error::NotFound {
-            path: self.dir.join(name),
-            what: format!("component `{name}` (not listed in model_index.json)"),
-        })
+        self.components
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| Error::NotFound {
+                path: self.dir.join(name),
+                what: format!("component `{name}` (not listed in model_index.json)"),
+            })
     }
 
     /// The first component of the given kind (e.g. the UNet, the scheduler), if any.
@@ -333,7 +380,14 @@ impl WeightsSummary {
         let location = src.location(None);
         let file = Path::new(&location).file_name().and_then(|f| f.to_str()).unwrap_or("");
         let fp16_variant = file.split('.').any(|part| part == "fp16" || part.starts_with("fp16-"));
-        Self { location, format: src.format(), fp16_variant, dtypes, tensors: names.len(), parameters }
+        Self {
+            location,
+            format: src.format(),
+            fp16_variant,
+            dtypes,
+            tensors: names.len(),
+            parameters,
+        }
     }
 }
 
@@ -350,7 +404,10 @@ pub fn format_count(n: u64) -> String {
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn string_field(path: &Path, json: &serde_json::Value, field: &str) -> Result<String> {

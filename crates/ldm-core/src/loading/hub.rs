@@ -50,7 +50,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(home) = var("HF_HOME") {
         return home.join("hub");
     }
-    let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_else(|| PathBuf::from("."));
+    let home = var("HOME")
+        .or_else(|| var("USERPROFILE"))
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -75,12 +77,18 @@ impl HubId {
             !p.is_empty()
                 && !p.starts_with(['.', '-'])
                 && !p.contains("..")
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         let rev_ok = !revision.is_empty()
             && !revision.contains("..")
-            && revision.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-        (part_ok(org) && part_ok(name) && rev_ok).then(|| Self { repo: repo.into(), revision: revision.into() })
+            && revision
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        (part_ok(org) && part_ok(name) && rev_ok).then(|| Self {
+            repo: repo.into(),
+            revision: revision.into(),
+        })
     }
 
     /// The repository's folder in the cache: `models--ORG--NAME`.
@@ -105,7 +113,11 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
 
 /// [`resolve_model`] with an explicit cache folder, downloading only if `allow_download`.
 pub fn resolve_model_in(spec: &str, cache_dir: &Path, allow_download: bool) -> Result<PathBuf> {
-    let options = HubOptions { cache_dir: cache_dir.to_path_buf(), allow_download, ..HubOptions::from_env() };
+    let options = HubOptions {
+        cache_dir: cache_dir.to_path_buf(),
+        allow_download,
+        ..HubOptions::from_env()
+    };
     resolve_model_with(spec, &options)
 }
 
@@ -122,11 +134,19 @@ pub fn resolve_model_with(spec: &str, options: &HubOptions) -> Result<PathBuf> {
         )));
     }
     let Some(id) = HubId::parse(spec) else {
-        let what = "model folder (and it is not a hub id of the form ORG/NAME either)";
-        return Err(Error::NotFound { path: path.to_path_buf(), what: what.into() });
+        let what = "model folder; nor is it a hub id of the form ORG/NAME";
+        return Err(Error::NotFound {
+            path: path.to_path_buf(),
+            what: what.into(),
+        });
     };
     if let Some(dir) = cached_snapshot(&options.cache_dir, &id) {
-        return Ok(dir);
+        if !options.allow_download || is_complete(&dir) {
+            return Ok(dir);
+        }
+        // An interrupted download leaves a partial snapshot: complete it if the hub answers, else
+        // hand back what is there, and opening it will name what is missing.
+        return Ok(download(&id, options).unwrap_or(dir));
     }
     let not_cached = |reason: String| Error::NotCached {
         model: spec.to_string(),
@@ -136,7 +156,9 @@ pub fn resolve_model_with(spec: &str, options: &HubOptions) -> Result<PathBuf> {
         folder: id.cache_folder(),
     };
     if !options.allow_download {
-        return Err(not_cached(format!("downloads are turned off (HF_HUB_OFFLINE=1); no folder `{spec}` exists either")));
+        return Err(not_cached(format!(
+            "HF_HUB_OFFLINE=1 turns downloads off; no folder `{spec}` exists either"
+        )));
     }
     download(&id, options).map_err(|reason| not_cached(format!("{reason}; no folder `{spec}` exists either")))
 }
@@ -153,8 +175,21 @@ pub fn cached_snapshot(cache_dir: &Path, id: &HubId) -> Option<PathBuf> {
         return None;
     }
     let snapshot = repo_dir.join("snapshots").join(commit);
-    let is_model = ["model_index.json", "config.json"].iter().any(|f| snapshot.join(f).is_file());
+    let is_model = ["model_index.json", "config.json"]
+        .iter()
+        .any(|f| snapshot.join(f).is_file());
     is_model.then_some(snapshot)
+}
+
+/// Whether a snapshot opens as a model folder with the config and weights of every component.
+fn is_complete(dir: &Path) -> bool {
+    let Ok(folder) = super::folder::ModelFolder::open(dir) else {
+        return false;
+    };
+    folder.components.iter().all(|c| {
+        let config_ok = c.config_path().is_file() || c.class.kind() == super::folder::ComponentKind::Tokenizer;
+        config_ok && (!c.class.has_weights() || c.weights().is_ok())
+    })
 }
 
 #[cfg(not(feature = "hub"))]
@@ -181,7 +216,11 @@ fn download(id: &HubId, options: &HubOptions) -> Result<PathBuf, String> {
         builder = builder.with_token(options.token.clone());
     }
     let api = builder.build().map_err(|e| e.to_string())?;
-    let repo = api.repo(Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone()));
+    let repo = api.repo(Repo::with_revision(
+        id.repo.clone(),
+        RepoType::Model,
+        id.revision.clone(),
+    ));
     let info = repo.info().map_err(|e| e.to_string())?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let get = |file: &str| repo.get(file).map_err(|e| format!("{file}: {e}"));
@@ -197,16 +236,18 @@ fn download(id: &HubId, options: &HubOptions) -> Result<PathBuf, String> {
             root = path.parent().map(Path::to_path_buf);
         }
     }
-    root.ok_or_else(|| format!("the repository `{}` has neither model_index.json nor config.json", id.repo))
+    root.ok_or_else(|| {
+        format!(
+            "the repository `{}` has neither model_index.json nor config.json",
+            id.repo
+        )
+    })
 }
 
 /// The files to fetch from a repository listing `files`; `read` fetches and reads a JSON file
 /// (the index and the shard indexes decide what else is needed).
 #[cfg_attr(not(feature = "hub"), allow(dead_code))]
-fn plan_downloads(
-    files: &[String],
-    read: impl Fn(&str) -> Result<String, String>,
-) -> Result<Vec<String>, String> {
+fn plan_downloads(files: &[String], read: impl Fn(&str) -> Result<String, String>) -> Result<Vec<String>, String> {
     use super::folder::ComponentClass;
     let has = |f: &str| files.iter().any(|x| x == f);
     let parse = |file: &str| -> Result<serde_json::Value, String> {
@@ -227,7 +268,10 @@ fn plan_downloads(
             }
         }
     } else if has("config.json") {
-        let class = parse("config.json")?.get("_class_name").and_then(|c| c.as_str()).map(String::from);
+        let class = parse("config.json")?
+            .get("_class_name")
+            .and_then(|c| c.as_str())
+            .map(String::from);
         components.push((String::new(), class));
     } else {
         return Err("the repository has neither model_index.json nor config.json".into());
@@ -258,13 +302,20 @@ fn plan_downloads(
                 let mut shards: Vec<String> = index
                     .get("weight_map")
                     .and_then(|m| m.as_object())
-                    .map(|m| m.values().filter_map(|v| v.as_str()).map(|s| format!("{prefix}{s}")).collect())
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|v| v.as_str())
+                            .map(|s| format!("{prefix}{s}"))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 shards.sort();
                 shards.dedup();
                 // Only files the repository lists are fetched, so an index cannot point outside it.
                 if let Some(missing) = shards.iter().find(|s| !has(s)) {
-                    return Err(format!("{weights} names the shard {missing}, which the repository does not have"));
+                    return Err(format!(
+                        "{weights} names the shard {missing}, which the repository does not have"
+                    ));
                 }
                 wanted.extend(shards);
             }
@@ -282,7 +333,9 @@ fn pick_weights(prefix: &str, stems: &[&str], has: &impl Fn(&str) -> bool) -> Op
             for stem in stems {
                 let single = std::iter::once(format!("{stem}{variant}.{ext}"));
                 let mut candidates = single.chain(super::weights::index_names(stem, variant, ext));
-                if let Some(found) = candidates.find_map(|c| has(&format!("{prefix}{c}")).then(|| format!("{prefix}{c}"))) {
+                if let Some(found) =
+                    candidates.find_map(|c| has(&format!("{prefix}{c}")).then(|| format!("{prefix}{c}")))
+                {
                     return Some(found);
                 }
             }
@@ -298,7 +351,10 @@ mod tests {
     #[test]
     fn parses_hub_ids() {
         let id = HubId::parse("CompVis/ldm-text2im-large-256").unwrap();
-        assert_eq!((id.repo.as_str(), id.revision.as_str()), ("CompVis/ldm-text2im-large-256", "main"));
+        assert_eq!(
+            (id.repo.as_str(), id.revision.as_str()),
+            ("CompVis/ldm-text2im-large-256", "main")
+        );
         let id = HubId::parse("a/b@v1.0").unwrap();
         assert_eq!(id.revision, "v1.0");
         assert_eq!(id.cache_folder(), "models--a--b");

@@ -130,8 +130,13 @@ impl PthFile {
         if !path.exists() {
             return Err(Error::NotFound { path: path.to_path_buf(), what: "weight file".into() });
         }
-        let inner = candle_core::pickle::PthTensors::new(path, None)
-            .map_err(|e| Error::BadWeights { path: path.to_path_buf(), msg: e.to_string() })?;
+        let inner = candle_core::pickle::PthTensors::new(path, None).map_err(|e| Error::BadWeights {
+            path: path.to_path_buf(),
+            msg: format!(
+                "{e} (expected a PyTorch zip checkpoint as torch.save writes it; the file may be truncated \
+                 or damaged, or in the pre-1.6 non-zip format, which is not supported)"
+            ),
+        })?;
         let metas = inner
             .tensor_infos()
             .iter()

@@ -24,7 +24,7 @@ pub struct AutoencoderKLConfig {
     pub latent_channels: usize,
     pub norm_num_groups: usize,
     pub sample_size: Option<usize>,
-    pub scaling_factor: f32,
+    pub scaling_factor: f64,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,

@@ -169,7 +169,13 @@ impl<B: Backend> UpBlock<B> {
             }
         }
         if let Some(up) = &self.upsampler {
-            h = up.forward(&h)?;
+            // Up to the size of the skip the next block consumes: 2x when the sample is a
+            // multiple of the UNet's downscale, the down path's odd size otherwise.
+            let size = skips.last().map(|s| {
+                let d = self.be.dims(s);
+                (d[2], d[3])
+            });
+            h = up.forward(&h, size)?;
         }
         Ok(h)
     }

@@ -234,10 +234,6 @@ impl<B: Backend> UNet2DConditionModel<B> {
         if d.len() != 4 || d[1] != self.config.in_channels {
             return Err(Error::InvalidArgument(format!("UNet input has shape {d:?}, expected (batch, {}, height, width)", self.config.in_channels)));
         }
-        let f = self.downscale();
-        if d[2] % f != 0 || d[3] % f != 0 {
-            return Err(Error::InvalidArgument(format!("UNet input of {}x{} is not a multiple of {f}", d[2], d[3])));
-        }
         let ts = broadcast_timesteps(timesteps, d[0])?;
         let ch0 = self.config.block_out_channels[0];
         let t = timestep_embedding(&ts, ch0, self.config.flip_sin_to_cos, self.config.freq_shift);

@@ -165,7 +165,7 @@ impl<B: Backend> Decoder<B> {
                 h = r.forward(&h, None)?;
             }
             if let Some(u) = &block.up {
-                h = u.forward(&h)?;
+                h = u.forward(&h, None)?;
             }
         }
         self.conv_out.forward(&self.be.silu(&self.norm_out.forward(&h)?)?)

@@ -26,7 +26,7 @@ pub struct VQModelConfig {
     pub num_vq_embeddings: usize,
     pub norm_num_groups: usize,
     pub vq_embed_dim: Option<usize>,
-    pub scaling_factor: f32,
+    pub scaling_factor: f64,
     pub norm_type: String,
     pub mid_block_add_attention: bool,
     pub lookup_from_codebook: bool,

@@ -242,7 +242,9 @@ impl<B: Backend> Downsample2D<B> {
     }
 }
 
-/// diffusers `Upsample2D` with a convolution: nearest 2x, then a 3x3 convolution.
+/// diffusers `Upsample2D` with a convolution: nearest 2x (or to an explicit size, which
+/// `UNet2DConditionModel` passes when the sample is not a multiple of its downscale), then a 3x3
+/// convolution.
 pub struct Upsample2D<B: Backend> {
     be: B,
     conv: Conv2d<B>,
@@ -253,8 +255,10 @@ impl<B: Backend> Upsample2D<B> {
         Ok(Self { be: w.backend().clone(), conv: Conv2d::load(&w.pp("conv"), cin, cout, 3, 1, 1)? })
     }
 
-    pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
-        self.conv.forward(&self.be.upsample_nearest2x(x)?)
+    pub fn forward(&self, x: &B::Tensor, size: Option<(usize, usize)>) -> Result<B::Tensor> {
+        let d = self.be.dims(x);
+        let (h, w) = size.unwrap_or((d[2] * 2, d[3] * 2));
+        self.conv.forward(&self.be.upsample_nearest(x, h, w)?)
     }
 }
 
