@@ -25,10 +25,10 @@ fn format_of(path: &Path) -> Result<Format> {
 /// Checks, before any work is done, that the output can be written: a known extension, not a
 /// directory, and an existing, writable folder.
 pub fn check_target(path: &Path) -> Result<()> {
-    format_of(path)?;
     if path.is_dir() {
         return Err(Error::InvalidArgument(format!("output {} is a directory; name a .png or .npy file", path.display())));
     }
+    format_of(path)?;
     let dir = parent(path);
     if !dir.is_dir() {
         return Err(Error::NotFound { path: dir.to_path_buf(), what: "the output's folder".into() });
