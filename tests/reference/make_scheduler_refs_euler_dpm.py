@@ -25,9 +25,9 @@ records, under `<case>/...`:
     chain       [n, 4, S]  per model call i: model output, scaled model input, step output,
                            and the noise the step drew (zeros where it drew none)
 
-The chain is the pipeline loop with a stand-in model:
+The chain is the pipeline loop with a stand-in model (see `stand_in_model`):
     input_i = scale_model_input(sample_i, t_i)
-    output_i = 0.8 * input_i + 0.5 * randn(generator_model)
+    output_i = the epsilon/v/x0 prediction implied by a clean-sample estimate x0* + 0.3 * randn
     sample_{i+1} = step(output_i, t_i, sample_i, generator=generator_noise).prev_sample
 The step's noise is whatever diffusers' `randn_tensor` returns inside `step` (it is wrapped to
 record its draws), so the Rust test can replay it through a NoiseSource in the same order.
@@ -248,6 +248,22 @@ def seed_of(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
+def stand_in_model(sched, i: int, inp: torch.Tensor, x0_star: torch.Tensor, g_model) -> torch.Tensor:
+    """A model that denoises about as well as a real one: its estimate of the clean sample is a
+    fixed x0* plus fresh noise (so the multistep differences are not trivial), and it returns the
+    epsilon, v or x0 prediction that estimate implies for the (variance-preserving) model input
+    at this step's sigma. Keeping the implied clean sample O(1), as a real UNet's is, keeps the
+    test about the schedulers rather than about float32 rounding amplified by 1 / alpha_t."""
+    sigma = float(sched.sigmas[i])
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    sigma_t = sigma * alpha
+    x0_hat = x0_star + 0.3 * torch.randn(SHAPE, generator=g_model, dtype=torch.float64)
+    eps = (inp.double() - alpha * x0_hat) / sigma_t
+    kind = sched.config.prediction_type
+    out = {"epsilon": eps, "sample": x0_hat, "v_prediction": alpha * eps - sigma_t * x0_hat}[kind]
+    return out.to(torch.float32)
+
+
 def run_case(cls_name: str, config: dict, steps: int, name: str, tmp: Path):
     sched = load(cls_name, config, tmp)
     sched.set_timesteps(steps)
@@ -270,10 +286,11 @@ def run_case(cls_name: str, config: dict, steps: int, name: str, tmp: Path):
     init = torch.cat([torch.tensor([init_sigma], dtype=torch.float32), sample.flatten()])
     rows = []
     draws_noise = False
+    x0_star = torch.randn(SHAPE, generator=g_model, dtype=torch.float64)
     with NoiseRecorder() as rec:
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             inp = sched.scale_model_input(sample, t)
-            out = 0.8 * inp + 0.5 * torch.randn(SHAPE, generator=g_model, dtype=torch.float32)
+            out = stand_in_model(sched, i, inp, x0_star, g_model)
             before = len(rec.draws)
             sample = sched.step(out, t, sample, generator=g_noise).prev_sample
             new = rec.draws[before:]

@@ -13,7 +13,10 @@ pub const MAX_IMAGE_SIDE: u32 = 16384;
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 28;
 
 fn image_err(what: &str, msg: impl Into<String>) -> Error {
-    Error::Image { what: what.to_string(), msg: msg.into() }
+    Error::Image {
+        what: what.to_string(),
+        msg: msg.into(),
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -34,21 +37,30 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
     use ::image::{DynamicImage, ImageDecoder, ImageFormat};
 
     if bytes.is_empty() {
-        return Err(image_err(what, "the file is empty (expected a PNG, JPEG or WebP image)"));
+        return Err(image_err(
+            what,
+            "the file is empty (expected a PNG, JPEG or WebP image)",
+        ));
     }
     let format = match ::image::guess_format(bytes) {
         Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
         Ok(other) => {
             return Err(image_err(
                 what,
-                format!("{} images are not supported (expected a PNG, JPEG or WebP image)", other.to_mime_type()),
+                format!(
+                    "{} images are not supported (expected a PNG, JPEG or WebP image)",
+                    other.to_mime_type()
+                ),
             ))
         }
         Err(_) => {
             let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(image_err(
                 what,
-                format!("not a PNG, JPEG or WebP image (it starts with bytes {})", head.join(" ")),
+                format!(
+                    "not a PNG, JPEG or WebP image (it starts with bytes {})",
+                    head.join(" ")
+                ),
             ));
         }
     };
@@ -58,7 +70,8 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
         _ => "WebP",
     };
     if format == ImageFormat::Jpeg {
-        check_jpeg_complete(bytes).map_err(|msg| image_err(what, format!("invalid JPEG: {msg}")))?;
+        check_jpeg_complete(bytes)
+            .map_err(|msg| image_err(what, format!("invalid JPEG: {msg}")))?;
     }
     let decode_err = |e: ::image::ImageError| image_err(what, format!("invalid {name} image: {e}"));
 
@@ -71,7 +84,10 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
     let mut decoder = reader.into_decoder().map_err(decode_err)?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
-        return Err(image_err(what, format!("the {name} image is empty ({w}x{h} pixels)")));
+        return Err(image_err(
+            what,
+            format!("the {name} image is empty ({w}x{h} pixels)"),
+        ));
     }
     if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || (w as u64) * (h as u64) > MAX_IMAGE_PIXELS {
         return Err(image_err(
@@ -90,7 +106,10 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
     decoder.set_limits(limits).map_err(decode_err)?;
     let img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
     if img.width() != w || img.height() != h {
-        return Err(image_err(what, format!("invalid {name} image: the decoder changed its size")));
+        return Err(image_err(
+            what,
+            format!("invalid {name} image: the decoder changed its size"),
+        ));
     }
     let rgb = pillow_rgb(img);
     Ok((rgb, w, h))
@@ -234,11 +253,19 @@ fn lanczos_coeffs(in_size: u32, out_size: u32) -> Coeffs {
         for (dst, &kx) in row.iter_mut().zip(&k).take(n) {
             let v = if ww != 0.0 { kx / ww } else { kx };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            *dst = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+            *dst = if v < 0.0 {
+                (-0.5 + f) as i32
+            } else {
+                (0.5 + f) as i32
+            };
         }
         bounds.push((xmin, n));
     }
-    Coeffs { ksize, bounds, weights }
+    Coeffs {
+        ksize,
+        bounds,
+        weights,
+    }
 }
 
 /// Pillow's `clip8`: the fixed-point sum, rounded down to 8 bits and clamped.
@@ -262,18 +289,25 @@ fn clip8(ss: i64) -> u8 {
 /// If `rgb.len() != 3 * w * h` (a programming error: [`decode_image`] returns consistent values).
 pub fn resize_lanczos(rgb: &[u8], w: u32, h: u32, new_w: u32, new_h: u32) -> Vec<u8> {
     let need = 3 * w as usize * h as usize;
-    assert_eq!(rgb.len(), need, "resize_lanczos: {w}x{h} RGB8 needs {need} bytes");
+    assert_eq!(
+        rgb.len(),
+        need,
+        "resize_lanczos: {w}x{h} RGB8 needs {need} bytes"
+    );
     if new_w == 0 || new_h == 0 {
         return Vec::new();
     }
     let (need_h, need_v) = (new_w != w, new_h != h);
-    let vertical_first = need_h && need_v && new_h < h && (h - new_h) as i64 > 2 * (w as i64 - new_w as i64);
+    let vertical_first =
+        need_h && need_v && new_h < h && (h - new_h) as i64 > 2 * (w as i64 - new_w as i64);
     let (w, h, new_w, new_h) = (w as usize, h as usize, new_w as usize, new_h as usize);
     match (need_h, need_v) {
         (false, false) => rgb.to_vec(),
         (true, false) => resample_horizontal(rgb, w, h, new_w),
         (false, true) => resample_vertical(rgb, w, h, new_h),
-        (true, true) if vertical_first => resample_horizontal(&resample_vertical(rgb, w, h, new_h), w, new_h, new_w),
+        (true, true) if vertical_first => {
+            resample_horizontal(&resample_vertical(rgb, w, h, new_h), w, new_h, new_w)
+        }
         (true, true) => resample_vertical(&resample_horizontal(rgb, w, h, new_w), new_w, h, new_h),
     }
 }
@@ -336,13 +370,19 @@ fn resample_vertical(src: &[u8], w: usize, h: usize, new_h: usize) -> Vec<u8> {
 pub fn encode_png(rgb: &[u8], w: u32, h: u32, text: &[(String, String)]) -> Result<Vec<u8>> {
     let what = "PNG output";
     if w == 0 || h == 0 {
-        return Err(image_err(what, format!("cannot write an empty image ({w}x{h} pixels)")));
+        return Err(image_err(
+            what,
+            format!("cannot write an empty image ({w}x{h} pixels)"),
+        ));
     }
     let expected = 3 * w as u64 * h as u64;
     if rgb.len() as u64 != expected {
         return Err(image_err(
             what,
-            format!("{w}x{h} RGB8 pixels need {expected} bytes, but {} were given", rgb.len()),
+            format!(
+                "{w}x{h} RGB8 pixels need {expected} bytes, but {} were given",
+                rgb.len()
+            ),
         ));
     }
     let mut out = Vec::new();
@@ -351,9 +391,13 @@ pub fn encode_png(rgb: &[u8], w: u32, h: u32, text: &[(String, String)]) -> Resu
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
-            check_png_keyword(key).map_err(|msg| image_err(what, format!("text chunk keyword {key:?}: {msg}")))?;
+            check_png_keyword(key)
+                .map_err(|msg| image_err(what, format!("text chunk keyword {key:?}: {msg}")))?;
             if value.contains('\0') {
-                return Err(image_err(what, format!("text chunk {key:?}: the value contains a NUL character")));
+                return Err(image_err(
+                    what,
+                    format!("text chunk {key:?}: the value contains a NUL character"),
+                ));
             }
             let res = if value.chars().all(|c| (c as u32) < 256) {
                 enc.add_text_chunk(key.clone(), value.clone())
@@ -375,8 +419,13 @@ fn check_png_keyword(key: &str) -> std::result::Result<(), String> {
     if n == 0 || n > 79 {
         return Err(format!("must be 1 to 79 characters long, not {n}"));
     }
-    if let Some(c) = key.chars().find(|&c| !matches!(c as u32, 32..=126 | 161..=255)) {
-        return Err(format!("the character {c:?} is not allowed (printable Latin-1 only)"));
+    if let Some(c) = key
+        .chars()
+        .find(|&c| !matches!(c as u32, 32..=126 | 161..=255))
+    {
+        return Err(format!(
+            "the character {c:?} is not allowed (printable Latin-1 only)"
+        ));
     }
     if key.starts_with(' ') || key.ends_with(' ') || key.contains("  ") {
         return Err("no leading, trailing or consecutive spaces are allowed".into());
@@ -410,10 +459,22 @@ const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 /// If the product of `shape` is not `data.len()` (a programming error).
 pub fn write_npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let count: usize = shape.iter().product();
-    assert_eq!(count, data.len(), "write_npy_f32: shape {shape:?} does not hold {} values", data.len());
+    assert_eq!(
+        count,
+        data.len(),
+        "write_npy_f32: shape {shape:?} does not hold {} values",
+        data.len()
+    );
     let dims = match shape {
         [n] => format!("({n},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
     // magic (6) + version (2) + header length (2) + header + '\n' is a multiple of 64.
@@ -437,7 +498,9 @@ pub fn write_npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
 pub fn read_npy_f32(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let err = |msg: String| image_err(what, format!("not a usable .npy file: {msg}"));
     if bytes.len() < 10 || &bytes[..6] != NPY_MAGIC {
-        return Err(err("it does not start with the NumPy magic \\x93NUMPY".into()));
+        return Err(err(
+            "it does not start with the NumPy magic \\x93NUMPY".into()
+        ));
     }
     let (major, minor) = (bytes[6], bytes[7]);
     let (header_len, start) = match major {
@@ -446,24 +509,46 @@ pub fn read_npy_f32(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<f32>)> 
             if bytes.len() < 12 {
                 return Err(err("the header is cut short".into()));
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
-        _ => return Err(err(format!("format version {major}.{minor} is not supported (expected 1.0, 2.0 or 3.0)"))),
+        _ => {
+            return Err(err(format!(
+                "format version {major}.{minor} is not supported (expected 1.0, 2.0 or 3.0)"
+            )))
+        }
     };
-    let data_start = start.checked_add(header_len).filter(|&e| e <= bytes.len()).ok_or_else(|| {
-        err(format!("the header claims {header_len} bytes, but the file has {} after the preamble", bytes.len() - start))
-    })?;
-    let header = std::str::from_utf8(&bytes[start..data_start]).map_err(|_| err("the header is not text".into()))?;
-    let dict = NpyHeader::parse(header).map_err(|m| err(format!("bad header {:?}: {m}", header.trim_end())))?;
+    let data_start = start
+        .checked_add(header_len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| {
+            err(format!(
+                "the header claims {header_len} bytes, but the file has {} after the preamble",
+                bytes.len() - start
+            ))
+        })?;
+    let header = std::str::from_utf8(&bytes[start..data_start])
+        .map_err(|_| err("the header is not text".into()))?;
+    let dict = NpyHeader::parse(header)
+        .map_err(|m| err(format!("bad header {:?}: {m}", header.trim_end())))?;
     let (size, big_endian, is_f64) = match dict.descr.as_str() {
         "<f4" | "=f4" => (4, false, false),
         ">f4" => (4, true, false),
         "<f8" | "=f8" => (8, false, true),
         ">f8" => (8, true, true),
-        d => return Err(err(format!("dtype '{d}' is not supported (expected float32 '<f4' or float64 '<f8')"))),
+        d => {
+            return Err(err(format!(
+                "dtype '{d}' is not supported (expected float32 '<f4' or float64 '<f8')"
+            )))
+        }
     };
     if dict.fortran_order {
-        return Err(err("the array is in Fortran order (expected C order; save it with np.ascontiguousarray)".into()));
+        return Err(err(
+            "the array is in Fortran order (expected C order; save it with np.ascontiguousarray)"
+                .into(),
+        ));
     }
     let count = dict
         .shape
@@ -471,7 +556,9 @@ pub fn read_npy_f32(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<f32>)> 
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| err(format!("shape {:?} is too large", dict.shape)))?;
     let data = &bytes[data_start..];
-    let need = count.checked_mul(size).ok_or_else(|| err(format!("shape {:?} is too large", dict.shape)))?;
+    let need = count
+        .checked_mul(size)
+        .ok_or_else(|| err(format!("shape {:?} is too large", dict.shape)))?;
     if data.len() != need {
         return Err(err(format!(
             "shape {:?} of {} needs {need} bytes of data, but the file has {}",
@@ -484,7 +571,11 @@ pub fn read_npy_f32(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<f32>)> 
         data.chunks_exact(8)
             .map(|c| {
                 let b: [u8; 8] = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
-                (if big_endian { f64::from_be_bytes(b) } else { f64::from_le_bytes(b) }) as f32
+                (if big_endian {
+                    f64::from_be_bytes(b)
+                } else {
+                    f64::from_le_bytes(b)
+                }) as f32
             })
             .collect()
     } else {
@@ -518,7 +609,10 @@ enum PyValue {
 
 impl NpyHeader {
     fn parse(s: &str) -> std::result::Result<NpyHeader, String> {
-        let mut p = PyParser { s: s.as_bytes(), i: 0 };
+        let mut p = PyParser {
+            s: s.as_bytes(),
+            i: 0,
+        };
         let (mut descr, mut fortran, mut shape) = (None, None, None);
         p.expect(b'{')?;
         loop {
@@ -533,7 +627,9 @@ impl NpyHeader {
                 ("descr", PyValue::Str(v)) => descr = Some(v),
                 ("fortran_order", PyValue::Bool(v)) => fortran = Some(v),
                 ("shape", PyValue::Tuple(v)) => shape = Some(v),
-                ("descr" | "fortran_order" | "shape", _) => return Err(format!("`{key}` has the wrong type")),
+                ("descr" | "fortran_order" | "shape", _) => {
+                    return Err(format!("`{key}` has the wrong type"))
+                }
                 _ => {} // unknown keys are ignored
             }
             p.skip_ws();
@@ -584,7 +680,10 @@ impl PyParser<'_> {
             _ => return Err(format!("expected a quoted string at character {}", self.i)),
         };
         let start = self.i + 1;
-        let len = self.s[start..].iter().position(|&c| c == q).ok_or("unterminated string")?;
+        let len = self.s[start..]
+            .iter()
+            .position(|&c| c == q)
+            .ok_or("unterminated string")?;
         self.i = start + len + 1;
         Ok(String::from_utf8_lossy(&self.s[start..start + len]).into_owned())
     }

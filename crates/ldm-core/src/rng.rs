@@ -40,9 +40,14 @@ impl Mt19937 {
         state[0] = seed;
         for j in 1..Self::N {
             let prev = state[j - 1];
-            state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
+            state[j] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(j as u32);
         }
-        Mt19937 { state, next: Self::N }
+        Mt19937 {
+            state,
+            next: Self::N,
+        }
     }
 
     fn twist(&mut self) {
@@ -82,7 +87,9 @@ pub struct TorchGenerator {
 
 impl std::fmt::Debug for TorchGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TorchGenerator").field("seed", &self.seed).finish_non_exhaustive()
+        f.debug_struct("TorchGenerator")
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,7 +97,11 @@ impl TorchGenerator {
     /// `torch.Generator().manual_seed(seed)`. Only the low 32 bits seed the engine, as in torch:
     /// seeds that differ only above bit 31 give the same numbers.
     pub fn new(seed: u64) -> Self {
-        TorchGenerator { seed, engine: Mt19937::new(seed as u32), next_double_normal: None }
+        TorchGenerator {
+            seed,
+            engine: Mt19937::new(seed as u32),
+            next_double_normal: None,
+        }
     }
 
     /// The seed this generator was made with (`Generator.initial_seed()`).
@@ -248,13 +259,21 @@ fn cephes_sincos(x: f32) -> (f32, f32) {
     const DP2: f32 = -2.418_756_484_985_351_562_5e-4;
     const DP3: f32 = -3.774_894_977_445_941_08e-8;
     const SIN_P: [f32; 3] = [-1.951_529_589_1E-4, 8.332_160_873_6E-3, -1.666_665_461_1E-1];
-    const COS_P: [f32; 3] = [2.443_315_711_809_948E-005, -1.388_731_625_493_765E-003, 4.166_664_568_298_827E-002];
+    const COS_P: [f32; 3] = [
+        2.443_315_711_809_948E-005,
+        -1.388_731_625_493_765E-003,
+        4.166_664_568_298_827E-002,
+    ];
 
     let sign_in = x.to_bits() & 0x8000_0000;
     let ax = x.abs();
     // Octant j, rounded up to even (`_mm256_cvttps_epi32` truncates; out of range gives i32::MIN).
     let t = ax * FOPI;
-    let mut j = if t < 2_147_483_648.0 { t as i32 } else { i32::MIN };
+    let mut j = if t < 2_147_483_648.0 {
+        t as i32
+    } else {
+        i32::MIN
+    };
     j = j.wrapping_add(1) & !1;
     let y = j as f32;
     let sin_swap = ((j & 4) as u32) << 29;

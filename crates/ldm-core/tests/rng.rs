@@ -21,17 +21,23 @@ impl Reference {
     fn load() -> Reference {
         let dir = reference_dir();
         let bytes = std::fs::read(dir.join("rng.safetensors")).expect("rng.safetensors");
-        let index = serde_json::from_slice(&std::fs::read(dir.join("rng.json")).expect("rng.json")).expect("rng.json");
+        let index = serde_json::from_slice(&std::fs::read(dir.join("rng.json")).expect("rng.json"))
+            .expect("rng.json");
         Reference { bytes, index }
     }
     fn tensor(&self, key: &str) -> Vec<f32> {
         let st = SafeTensors::deserialize(&self.bytes).expect("rng.safetensors");
         let t = st.tensor(key).unwrap_or_else(|_| panic!("no tensor {key}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32);
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     }
     fn list(&self, name: &str) -> &Vec<Value> {
-        self.index[name].as_array().unwrap_or_else(|| panic!("rng.json: no list `{name}`"))
+        self.index[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("rng.json: no list `{name}`"))
     }
 }
 
@@ -79,10 +85,19 @@ fn randn_matches_torch_for_every_seed_and_size() {
         let got = TorchGenerator::new(seed).randn(n);
         t.add(&got, &r.tensor(key), key);
     }
-    eprintln!("randn: {} values, max abs error {:e}, {} differ in any bit", t.total, t.max, t.differ);
+    eprintln!(
+        "randn: {} values, max abs error {:e}, {} differ in any bit",
+        t.total, t.max, t.differ
+    );
     assert!(t.total > 40_000);
-    assert_eq!(t.differ_small, 0, "the n < 16 (float64) path must match torch exactly");
-    assert_eq!(t.differ, 0, "randn must reproduce torch's x86-64 values bit for bit");
+    assert_eq!(
+        t.differ_small, 0,
+        "the n < 16 (float64) path must match torch exactly"
+    );
+    assert_eq!(
+        t.differ, 0,
+        "randn must reproduce torch's x86-64 values bit for bit"
+    );
 }
 
 #[test]
@@ -100,7 +115,10 @@ fn successive_calls_continue_torch_stream() {
             t.add(&got, &r.tensor(key), key);
         }
     }
-    eprintln!("sequences: {} values, max abs error {:e}, {} differ", t.total, t.max, t.differ);
+    eprintln!(
+        "sequences: {} values, max abs error {:e}, {} differ",
+        t.total, t.max, t.differ
+    );
     assert_eq!(t.differ, 0);
 }
 
@@ -109,7 +127,12 @@ fn shaped_draws_equal_flat_draws() {
     let r = Reference::load();
     for s in r.list("shapes") {
         let seed = s["seed"].as_u64().expect("seed");
-        let n: usize = s["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).product();
+        let n: usize = s["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim") as usize)
+            .product();
         let key = s["key"].as_str().expect("key");
         let (max, differ) = compare(&TorchGenerator::new(seed).randn(n), &r.tensor(key), key);
         assert_eq!(differ, 0, "{key}: max abs error {max}");

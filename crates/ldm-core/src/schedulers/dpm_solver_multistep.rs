@@ -157,7 +157,7 @@ pub struct DPMSolverMultistepScheduler {
     sigmas: Vec<f64>,
     timesteps: Vec<f32>,
     /// The converted outputs of the last `order` model calls, oldest first.
-    model_outputs: Vec<Option<Vec<f64>>>,
+    model_outputs: Vec<Option<Vec<f32>>>,
     lower_order_nums: usize,
 }
 
@@ -359,164 +359,166 @@ impl DPMSolverMultistepScheduler {
         })
     }
 
-    /// `alpha_t = 1 / sqrt(sigma^2 + 1)` and `sigma_t = sigma * alpha_t` of an inference sigma.
-    fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    /// `alpha_t = 1 / sqrt(sigma^2 + 1)` and `sigma_t = sigma * alpha_t` of inference sigma `i`,
+    /// with its log-SNR `lambda = ln(alpha_t) - ln(sigma_t)` (infinite for sigma 0), in float32
+    /// as diffusers computes them.
+    fn alpha_sigma_lambda(&self, i: usize) -> (f32, f32, f32) {
+        let sigma = self.sigmas[i] as f32;
         let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-        (alpha, sigma * alpha)
-    }
-
-    /// The log-SNR `ln(alpha_t) - ln(sigma_t)` of inference sigma `i` (infinite for sigma 0).
-    fn lambda(&self, i: usize) -> (f64, f64, f64) {
-        let (alpha, sigma) = Self::alpha_sigma(self.sigmas[i]);
-        (alpha, sigma, alpha.ln() - sigma.ln())
+        let sigma_t = sigma * alpha;
+        (alpha, sigma_t, alpha.ln() - sigma_t.ln())
     }
 
     /// The model output as the quantity the solver integrates: the data prediction for the `++`
     /// variants, the noise prediction otherwise.
-    fn convert(&self, model_output: &[f32], sample: &[f32], index: usize) -> Vec<f64> {
-        let (alpha, sigma) = Self::alpha_sigma(self.sigmas[index]);
+    fn convert(&self, model_output: &[f32], sample: &[f32], index: usize) -> Vec<f32> {
+        let (alpha, sigma, _) = self.alpha_sigma_lambda(index);
         let data = self.algorithm.data_prediction();
         sample
             .iter()
             .zip(model_output)
-            .map(|(&x, &m)| {
-                let (x, m) = (x as f64, m as f64);
-                match (data, self.prediction) {
-                    (true, Prediction::Epsilon) => (x - sigma * m) / alpha,
-                    (true, Prediction::Sample) => m,
-                    (true, Prediction::VPrediction) => alpha * x - sigma * m,
-                    (false, Prediction::Epsilon) => m,
-                    (false, Prediction::Sample) => (x - alpha * m) / sigma,
-                    (false, Prediction::VPrediction) => alpha * m + sigma * x,
+            .map(|(&x, &m)| match (data, self.prediction) {
+                (true, Prediction::Epsilon) => (x - sigma * m) / alpha,
+                (true, Prediction::Sample) => m,
+                (true, Prediction::VPrediction) => alpha * x - sigma * m,
+                (false, Prediction::Epsilon) => m,
+                (false, Prediction::Sample) => (x - alpha * m) / sigma,
+                (false, Prediction::VPrediction) => alpha * m + sigma * x,
+            })
+            .collect()
+    }
+
+    /// The coefficient of the sample, and of the noise for the SDE variants, of an update from
+    /// `s0` to `t` with log-SNR step `h`.
+    fn sample_and_noise_coefs(&self, t: (f32, f32), s0: (f32, f32), h: f32) -> (f32, f32) {
+        let ((alpha_t, sigma_t), (alpha_s0, sigma_s0)) = (t, s0);
+        match self.algorithm {
+            Algorithm::DpmSolverPP => (sigma_t / sigma_s0, 0.0),
+            Algorithm::DpmSolver => (alpha_t / alpha_s0, 0.0),
+            Algorithm::SdeDpmSolverPP => (sigma_t / sigma_s0 * (-h).exp(), sigma_t * (1.0 - (-2.0 * h).exp()).sqrt()),
+            Algorithm::SdeDpmSolver => (alpha_t / alpha_s0, sigma_t * ((2.0 * h).exp() - 1.0).sqrt()),
+        }
+    }
+
+    /// `sum_k c_k * v_k` over the terms, plus `c_z * z` when the update is stochastic, added up
+    /// left to right as diffusers' expressions do (each term rounded to float32 first).
+    fn combine(terms: &[(f32, &[f32])], z: Option<(f32, &[f32])>) -> Vec<f32> {
+        let n = terms[0].1.len();
+        (0..n)
+            .map(|k| {
+                let mut acc = terms[0].0 * terms[0].1[k];
+                for (c, v) in &terms[1..] {
+                    acc += *c * v[k];
                 }
+                if let Some((c, z)) = z {
+                    acc += c * z[k];
+                }
+                acc
             })
             .collect()
     }
 
     /// First-order update (DDIM-like) from sigma `i` to sigma `i + 1`.
-    fn first_order(&self, i: usize, m: &[f64], x: &[f32], z: &[f32]) -> Vec<f64> {
-        let (alpha_t, sigma_t, lambda_t) = self.lambda(i + 1);
-        let (alpha_s, sigma_s, lambda_s) = self.lambda(i);
+    fn first_order(&self, i: usize, m: &[f32], x: &[f32], z: Option<&[f32]>) -> Vec<f32> {
+        let (alpha_t, sigma_t, lambda_t) = self.alpha_sigma_lambda(i + 1);
+        let (alpha_s, sigma_s, lambda_s) = self.alpha_sigma_lambda(i);
         let h = lambda_t - lambda_s;
-        // Per-element: c_x * x + c_m * m + c_z * z.
-        let (c_x, c_m, c_z) = match self.algorithm {
-            Algorithm::DpmSolverPP => (sigma_t / sigma_s, -(alpha_t * ((-h).exp() - 1.0)), 0.0),
-            Algorithm::DpmSolver => (alpha_t / alpha_s, -(sigma_t * (h.exp() - 1.0)), 0.0),
-            Algorithm::SdeDpmSolverPP => (
-                sigma_t / sigma_s * (-h).exp(),
-                alpha_t * (1.0 - (-2.0 * h).exp()),
-                sigma_t * (1.0 - (-2.0 * h).exp()).sqrt(),
-            ),
-            Algorithm::SdeDpmSolver => {
-                (alpha_t / alpha_s, -2.0 * (sigma_t * (h.exp() - 1.0)), sigma_t * ((2.0 * h).exp() - 1.0).sqrt())
-            }
+        let (c_x, c_z) = self.sample_and_noise_coefs((alpha_t, sigma_t), (alpha_s, sigma_s), h);
+        // diffusers writes these as `A - c * m`; adding `-c * m` rounds the same.
+        let c_m = match self.algorithm {
+            Algorithm::DpmSolverPP => -(alpha_t * ((-h).exp() - 1.0)),
+            Algorithm::DpmSolver => -(sigma_t * (h.exp() - 1.0)),
+            Algorithm::SdeDpmSolverPP => alpha_t * (1.0 - (-2.0 * h).exp()),
+            Algorithm::SdeDpmSolver => -(2.0 * (sigma_t * (h.exp() - 1.0))),
         };
-        (0..x.len())
-            .map(|k| {
-                let zk = if z.is_empty() { 0.0 } else { c_z * z[k] as f64 };
-                c_x * x[k] as f64 + c_m * m[k] + zk
-            })
-            .collect()
+        Self::combine(&[(c_x, x), (c_m, m)], z.map(|z| (c_z, z)))
     }
 
     /// Second-order multistep update from sigma `i` to `i + 1`, using the outputs at `i` (m0)
     /// and `i - 1` (m1).
-    fn second_order(&self, i: usize, m0: &[f64], m1: &[f64], x: &[f32], z: &[f32]) -> Vec<f64> {
-        let (alpha_t, sigma_t, lambda_t) = self.lambda(i + 1);
-        let (alpha_s0, sigma_s0, lambda_s0) = self.lambda(i);
-        let (_, _, lambda_s1) = self.lambda(i - 1);
+    fn second_order(&self, i: usize, m0: &[f32], m1: &[f32], x: &[f32], z: Option<&[f32]>) -> Vec<f32> {
+        let (alpha_t, sigma_t, lambda_t) = self.alpha_sigma_lambda(i + 1);
+        let (alpha_s0, sigma_s0, lambda_s0) = self.alpha_sigma_lambda(i);
+        let (_, _, lambda_s1) = self.alpha_sigma_lambda(i - 1);
         let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
         let r0 = h_0 / h;
-        // x_t = c_x x + c_d0 D0 + c_d1 D1 + c_z z, with D0 = m0 and D1 = (m0 - m1) / r0.
-        let (c_x, c_d0, c_d1, c_z) = match (self.algorithm, self.heun) {
+        // D0 = m0, D1 = (1 / r0) * (m0 - m1).
+        let inv_r0 = 1.0 / r0;
+        let d1: Vec<f32> = m0.iter().zip(m1).map(|(a, b)| inv_r0 * (a - b)).collect();
+        let (c_x, c_z) = self.sample_and_noise_coefs((alpha_t, sigma_t), (alpha_s0, sigma_s0), h);
+        let (c_d0, c_d1) = match (self.algorithm, self.heun) {
             (Algorithm::DpmSolverPP, false) => {
                 let a = alpha_t * ((-h).exp() - 1.0);
-                (sigma_t / sigma_s0, -a, -0.5 * a, 0.0)
+                (-a, -(0.5 * a))
             }
-            (Algorithm::DpmSolverPP, true) => (
-                sigma_t / sigma_s0,
-                -(alpha_t * ((-h).exp() - 1.0)),
-                alpha_t * (((-h).exp() - 1.0) / h + 1.0),
-                0.0,
-            ),
+            (Algorithm::DpmSolverPP, true) => {
+                (-(alpha_t * ((-h).exp() - 1.0)), alpha_t * (((-h).exp() - 1.0) / h + 1.0))
+            }
             (Algorithm::DpmSolver, false) => {
                 let a = sigma_t * (h.exp() - 1.0);
-                (alpha_t / alpha_s0, -a, -0.5 * a, 0.0)
+                (-a, -(0.5 * a))
             }
-            (Algorithm::DpmSolver, true) => (
-                alpha_t / alpha_s0,
-                -(sigma_t * (h.exp() - 1.0)),
-                -(sigma_t * ((h.exp() - 1.0) / h - 1.0)),
-                0.0,
-            ),
+            (Algorithm::DpmSolver, true) => (-(sigma_t * (h.exp() - 1.0)), -(sigma_t * ((h.exp() - 1.0) / h - 1.0))),
             (Algorithm::SdeDpmSolverPP, heun) => {
                 let e = 1.0 - (-2.0 * h).exp();
                 let c_d1 = if heun { alpha_t * (e / (-2.0 * h) + 1.0) } else { 0.5 * (alpha_t * e) };
-                (sigma_t / sigma_s0 * (-h).exp(), alpha_t * e, c_d1, sigma_t * e.sqrt())
+                (alpha_t * e, c_d1)
             }
             (Algorithm::SdeDpmSolver, heun) => {
                 let a = sigma_t * (h.exp() - 1.0);
-                let c_d1 = if heun { -2.0 * (sigma_t * ((h.exp() - 1.0) / h - 1.0)) } else { -a };
-                (alpha_t / alpha_s0, -2.0 * a, c_d1, sigma_t * ((2.0 * h).exp() - 1.0).sqrt())
+                let c_d1 = if heun { -(2.0 * (sigma_t * ((h.exp() - 1.0) / h - 1.0))) } else { -a };
+                (-(2.0 * a), c_d1)
             }
         };
-        (0..x.len())
-            .map(|k| {
-                let d1 = (1.0 / r0) * (m0[k] - m1[k]);
-                let zk = if z.is_empty() { 0.0 } else { c_z * z[k] as f64 };
-                c_x * x[k] as f64 + c_d0 * m0[k] + c_d1 * d1 + zk
-            })
-            .collect()
+        Self::combine(&[(c_x, x), (c_d0, m0), (c_d1, &d1)], z.map(|z| (c_z, z)))
     }
 
     /// Third-order multistep update from sigma `i` to `i + 1`, using the outputs at `i`, `i - 1`
     /// and `i - 2`.
-    fn third_order(&self, i: usize, m: [&[f64]; 3], x: &[f32], z: &[f32]) -> Vec<f64> {
+    fn third_order(&self, i: usize, m: [&[f32]; 3], x: &[f32], z: Option<&[f32]>) -> Vec<f32> {
         let [m0, m1, m2] = m;
-        let (alpha_t, sigma_t, lambda_t) = self.lambda(i + 1);
-        let (alpha_s0, sigma_s0, lambda_s0) = self.lambda(i);
-        let (_, _, lambda_s1) = self.lambda(i - 1);
-        let (_, _, lambda_s2) = self.lambda(i - 2);
+        let (alpha_t, sigma_t, lambda_t) = self.alpha_sigma_lambda(i + 1);
+        let (alpha_s0, sigma_s0, lambda_s0) = self.alpha_sigma_lambda(i);
+        let (_, _, lambda_s1) = self.alpha_sigma_lambda(i - 1);
+        let (_, _, lambda_s2) = self.alpha_sigma_lambda(i - 2);
         let (h, h_0, h_1) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
         let (r0, r1) = (h_0 / h, h_1 / h);
-        let (c_x, c_d0, c_d1, c_d2, c_z) = match self.algorithm {
+        let (inv_r0, inv_r1, w, inv_sum) = (1.0 / r0, 1.0 / r1, r0 / (r0 + r1), 1.0 / (r0 + r1));
+        let mut d1 = Vec::with_capacity(x.len());
+        let mut d2 = Vec::with_capacity(x.len());
+        for k in 0..x.len() {
+            let d1_0 = inv_r0 * (m0[k] - m1[k]);
+            let d1_1 = inv_r1 * (m1[k] - m2[k]);
+            let diff = d1_0 - d1_1;
+            d1.push(d1_0 + w * diff);
+            d2.push(inv_sum * diff);
+        }
+        let (c_x, c_z) = self.sample_and_noise_coefs((alpha_t, sigma_t), (alpha_s0, sigma_s0), h);
+        let (c_d0, c_d1, c_d2) = match self.algorithm {
             Algorithm::DpmSolverPP => {
-                let e = (-h).exp() - 1.0;
-                (sigma_t / sigma_s0, -(alpha_t * e), alpha_t * (e / h + 1.0), -(alpha_t * ((e + h) / (h * h) - 0.5)), 0.0)
+                let e = (-h).exp();
+                (-(alpha_t * (e - 1.0)), alpha_t * ((e - 1.0) / h + 1.0), -(alpha_t * ((e - 1.0 + h) / (h * h) - 0.5)))
             }
             Algorithm::DpmSolver => {
-                let e = h.exp() - 1.0;
+                let e = h.exp();
                 (
-                    alpha_t / alpha_s0,
-                    -(sigma_t * e),
-                    -(sigma_t * (e / h - 1.0)),
-                    -(sigma_t * ((e - h) / (h * h) - 0.5)),
-                    0.0,
+                    -(sigma_t * (e - 1.0)),
+                    -(sigma_t * ((e - 1.0) / h - 1.0)),
+                    -(sigma_t * ((e - 1.0 - h) / (h * h) - 0.5)),
                 )
             }
             Algorithm::SdeDpmSolverPP => {
                 let e = 1.0 - (-2.0 * h).exp();
                 (
-                    sigma_t / sigma_s0 * (-h).exp(),
                     alpha_t * e,
                     alpha_t * (e / (-2.0 * h) + 1.0),
                     alpha_t * ((e - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5),
-                    sigma_t * e.sqrt(),
                 )
             }
             // Refused in from_config (diffusers has no such update).
-            Algorithm::SdeDpmSolver => (f64::NAN, f64::NAN, f64::NAN, f64::NAN, f64::NAN),
+            Algorithm::SdeDpmSolver => (f32::NAN, f32::NAN, f32::NAN),
         };
-        (0..x.len())
-            .map(|k| {
-                let d1_0 = (1.0 / r0) * (m0[k] - m1[k]);
-                let d1_1 = (1.0 / r1) * (m1[k] - m2[k]);
-                let d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1);
-                let d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1);
-                let zk = if z.is_empty() { 0.0 } else { c_z * z[k] as f64 };
-                c_x * x[k] as f64 + c_d0 * m0[k] + c_d1 * d1 + c_d2 * d2 + zk
-            })
-            .collect()
+        Self::combine(&[(c_x, x), (c_d0, m0), (c_d1, &d1), (c_d2, &d2)], z.map(|z| (c_z, z)))
     }
 }
 
@@ -626,26 +628,27 @@ impl Scheduler for DPMSolverMultistepScheduler {
                     sample.len()
                 )));
             }
-            z
+            Some(z)
         } else {
-            Vec::new()
+            None
         };
+        let z = z.as_deref();
 
-        let history = |back: usize| -> Result<&[f64]> {
+        let history = |back: usize| -> Result<&[f32]> {
             self.model_outputs[self.order - 1 - back].as_deref().ok_or_else(|| {
                 Error::InvalidArgument(format!("{CLASS}: step {index} needs model output {back} steps back"))
             })
         };
         let out = if self.order == 1 || self.lower_order_nums < 1 || final_first_order {
-            self.first_order(index, history(0)?, sample, &z)
+            self.first_order(index, history(0)?, sample, z)
         } else if self.order == 2 || self.lower_order_nums < 2 || final_second_order {
-            self.second_order(index, history(0)?, history(1)?, sample, &z)
+            self.second_order(index, history(0)?, history(1)?, sample, z)
         } else {
-            self.third_order(index, [history(0)?, history(1)?, history(2)?], sample, &z)
+            self.third_order(index, [history(0)?, history(1)?, history(2)?], sample, z)
         };
         if self.lower_order_nums < self.order {
             self.lower_order_nums += 1;
         }
-        Ok(out.into_iter().map(|v| v as f32).collect())
+        Ok(out)
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::common::{self, BetaConfig};
-use super::ddim::{PredictionType, TimestepSpacing};
+use super::ddim::{torch_betas, PredictionType, TimestepSpacing};
 use super::{NoiseSource, Scheduler};
 use crate::{Error, Result};
 
@@ -115,7 +115,7 @@ impl LMSDiscreteScheduler {
             path,
         )?;
         let spacing = TimestepSpacing::parse(&cfg.timestep_spacing, path)?;
-        let train_sigmas = common::train_sigmas(&common::alphas_cumprod_f32(&betas.betas(path)?, false));
+        let train_sigmas = common::train_sigmas(&common::alphas_cumprod_f32(&torch_betas(&betas, path)?, false));
         let log_sigmas = train_sigmas.iter().map(|s| common::f32_round(s.ln())).collect();
         Ok(Self {
             train_steps: betas.num_train_timesteps,

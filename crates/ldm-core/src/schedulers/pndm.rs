@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::common::{self, BetaConfig};
-use super::ddim::{py_index, round_half_even, PredictionType, TimestepSpacing};
+use super::ddim::{py_index, round_half_even, torch_betas, PredictionType, TimestepSpacing};
 use super::{NoiseSource, Scheduler};
 use crate::{Error, Result};
 
@@ -85,7 +85,7 @@ impl PNDMScheduler {
             PredictionType::parse(&cfg.prediction_type, &[PredictionType::Epsilon, PredictionType::VPrediction], path)?;
         let spacing = TimestepSpacing::parse(&cfg.timestep_spacing, path)?;
         let alphas_cumprod: Vec<f32> =
-            common::alphas_cumprod_f32(&betas.betas(path)?, false).into_iter().map(|a| a as f32).collect();
+            common::alphas_cumprod_f32(&torch_betas(&betas, path)?, false).into_iter().map(|a| a as f32).collect();
         let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(Self {
             train_steps: betas.num_train_timesteps,
