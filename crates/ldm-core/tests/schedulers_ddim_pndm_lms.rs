@@ -89,9 +89,8 @@ fn check_class(class: &str) -> MaxErr {
     for case in idx["cases"].as_array().unwrap().iter().filter(|c| c["class"] == class) {
         let name = case["name"].as_str().unwrap();
         let file = case["file"].as_str().unwrap();
-        let st = files
-            .entry(file.to_string())
-            .or_insert_with(|| SafetensorsFile::open(&Path::new(REF).join(file)).unwrap());
+        let st =
+            files.entry(file.to_string()).or_insert_with(|| SafetensorsFile::open(&Path::new(REF).join(file)).unwrap());
         let load = |key: &str| st.load_f32(&format!("{name}/{key}")).unwrap();
         let config = &idx["configs"][class][case["config"].as_str().unwrap()];
         let steps = case["steps"].as_u64().unwrap() as usize;
@@ -123,7 +122,8 @@ fn check_class(class: &str) -> MaxErr {
 
         if class == "LMSDiscreteScheduler" {
             // The sigmas are not on the trait; rebuild the concrete type to read them.
-            let mut lms = schedulers::lms_discrete::LMSDiscreteScheduler::from_config(config, &config_path(name)).unwrap();
+            let mut lms =
+                schedulers::lms_discrete::LMSDiscreteScheduler::from_config(config, &config_path(name)).unwrap();
             lms.set_timesteps(steps).unwrap();
             let e = rel_err(lms.sigmas(), &load("sigmas"));
             assert!(e <= TOL, "{name}: sigmas differ by {e} (relative)");
@@ -154,7 +154,8 @@ fn check_class(class: &str) -> MaxErr {
         // Free-running chain from our own initial noise scale and outputs.
         let mut s = build(class, config, name);
         s.set_timesteps(steps).unwrap();
-        let mut rec = Recorded { values: if eta > 0.0 { load("noise") } else { Vec::new() }, pos: 0, draws: Vec::new() };
+        let mut rec =
+            Recorded { values: if eta > 0.0 { load("noise") } else { Vec::new() }, pos: 0, draws: Vec::new() };
         let mut x: Vec<f32> = sample0.iter().map(|v| v * s.init_noise_sigma()).collect();
         for i in 0..calls {
             let input = s.scale_model_input(&x, i);
@@ -259,7 +260,11 @@ fn bad_or_unsupported_keys_name_the_key() {
     // Keys a class does not have are ignored, as in diffusers (PNDM and LMS have no
     // thresholding or clip_sample; a config written for another class is fine).
     for class in ["PNDMScheduler", "LMSDiscreteScheduler"] {
-        build(class, &json!({"_class_name": "EulerDiscreteScheduler", "thresholding": true, "clip_sample": true}), "other");
+        build(
+            class,
+            &json!({"_class_name": "EulerDiscreteScheduler", "thresholding": true, "clip_sample": true}),
+            "other",
+        );
     }
 }
 
@@ -278,7 +283,10 @@ fn pndm_model_call_counts() {
     }
     let mut s = build("PNDMScheduler", &ldm, "pndm");
     s.set_timesteps(10).unwrap();
-    assert_eq!(&s.timesteps()[..13], &[901.0, 851.0, 851.0, 801.0, 801.0, 751.0, 751.0, 701.0, 701.0, 651.0, 651.0, 601.0, 601.0]);
+    assert_eq!(
+        &s.timesteps()[..13],
+        &[901.0, 851.0, 851.0, 801.0, 801.0, 751.0, 751.0, 701.0, 701.0, 651.0, 651.0, 601.0, 601.0]
+    );
 }
 
 #[test]

@@ -112,16 +112,23 @@ pub fn f32_round(x: f64) -> f64 {
     x as f32 as f64
 }
 
-/// Cumulative alphas as diffusers' float32 tensors hold them: betas stored as float32,
-/// `alphas = 1 - betas` in float32, and `torch.cumprod`, which on the CPU accumulates in double
-/// and rounds each partial product to float32. (The f64 schedule of
-/// [`BetaConfig::alphas_cumprod`] differs from diffusers' sigmas by up to 1e-4 relative near
-/// t = 0, where `1 - alphas_cumprod` cancels; this agrees to about 3e-7.) With
+/// Cumulative alphas as diffusers' float32 tensors hold them, from betas given in f64 (rounded
+/// to float32 here; [`torch_alphas_cumprod`] also reproduces torch's `linspace` rounding of the
+/// betas and should be preferred). `alphas = 1 - betas` in float32, and `torch.cumprod`, which
+/// on the CPU accumulates in double and rounds each partial product to float32. (The f64
+/// schedule of [`BetaConfig::alphas_cumprod`] differs from diffusers' sigmas by up to 1e-4
+/// relative near t = 0, where `1 - alphas_cumprod` cancels; this agrees to about 3e-7.) With
 /// `rescale_zero_snr` (diffusers' `rescale_betas_zero_snr`) the betas are first rescaled to a
 /// zero terminal SNR (Lin et al. 2023, algorithm 1, in float32 as diffusers'
 /// `rescale_zero_terminal_snr`), and the last cumulative alpha is set to 2^-24, as diffusers
 /// does to keep the last sigma finite. Values are float32 numbers held in f64.
 pub fn alphas_cumprod_f32(betas: &[f64], rescale_zero_snr: bool) -> Vec<f64> {
+    let betas: Vec<f32> = betas.iter().map(|&b| b as f32).collect();
+    alphas_cumprod_of_f32_betas(&betas, rescale_zero_snr)
+}
+
+/// [`alphas_cumprod_f32`] from the float32 betas themselves.
+pub fn alphas_cumprod_of_f32_betas(betas: &[f32], rescale_zero_snr: bool) -> Vec<f64> {
     let cumprod = |alphas: &[f32]| -> Vec<f32> {
         let mut acc = 1.0f64;
         alphas
@@ -132,7 +139,7 @@ pub fn alphas_cumprod_f32(betas: &[f64], rescale_zero_snr: bool) -> Vec<f64> {
             })
             .collect()
     };
-    let mut betas: Vec<f32> = betas.iter().map(|&b| b as f32).collect();
+    let mut betas = betas.to_vec();
     if rescale_zero_snr && !betas.is_empty() {
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
         let mut sqrt_ac: Vec<f32> = cumprod(&alphas).iter().map(|a| a.sqrt()).collect();
@@ -287,4 +294,43 @@ pub fn spaced_timesteps_f32(
         }
     };
     Ok(v)
+}
+
+/// `torch.linspace(start, end, n, dtype=torch.float32)` on the CPU, value for value: a float32
+/// step `(end - start) / (n - 1)`, the first half computed from `start` and the second from
+/// `end`, each as one fused multiply-add (torch's kernel is compiled with FMA contraction; a
+/// plain multiply-then-add differs in about a fifth of the values of a 1000-step schedule).
+pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n <= 1 {
+        return vec![start; n];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+        .collect()
+}
+
+/// The betas as diffusers' float32 tensor holds them: `torch.linspace` in float32 for `linear`,
+/// its square (in float32) for `scaled_linear`, and the f64 values rounded to float32 for
+/// `squaredcos_cap_v2` and `trained_betas`. Errors as [`BetaConfig::betas`].
+pub fn torch_betas_f32(beta: &BetaConfig, path: &Path) -> Result<Vec<f32>> {
+    let betas = beta.betas(path)?;
+    let n = betas.len();
+    Ok(match (beta.trained_betas.is_some(), beta.beta_schedule.as_str()) {
+        (false, "linear") => torch_linspace_f32(beta.beta_start as f32, beta.beta_end as f32, n),
+        (false, "scaled_linear") => {
+            torch_linspace_f32(beta.beta_start.sqrt() as f32, beta.beta_end.sqrt() as f32, n)
+                .into_iter()
+                .map(|r| r * r)
+                .collect()
+        }
+        _ => betas.into_iter().map(|b| b as f32).collect(),
+    })
+}
+
+/// diffusers' float32 `alphas_cumprod` of a config, bit for bit on the CPU: [`torch_betas_f32`]
+/// then [`alphas_cumprod_of_f32_betas`] (with `rescale_betas_zero_snr` when `rescale_zero_snr`).
+pub fn torch_alphas_cumprod(beta: &BetaConfig, rescale_zero_snr: bool, path: &Path) -> Result<Vec<f64>> {
+    Ok(alphas_cumprod_of_f32_betas(&torch_betas_f32(beta, path)?, rescale_zero_snr))
 }

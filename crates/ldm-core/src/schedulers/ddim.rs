@@ -70,13 +70,21 @@ impl DDIMScheduler {
         let betas: BetaConfig = common::parse(config, path)?;
         let cfg: DdimConfig = common::parse(config, path)?;
         if cfg.thresholding {
-            return Err(Error::config(path, "thresholding", "true (dynamic thresholding) is not supported; only false"));
+            return Err(Error::config(
+                path,
+                "thresholding",
+                "true (dynamic thresholding) is not supported; only false",
+            ));
         }
         if cfg.rescale_betas_zero_snr {
             return Err(Error::config(path, "rescale_betas_zero_snr", "true is not supported; only false"));
         }
         if cfg.clip_sample && !(cfg.clip_sample_range.is_finite() && cfg.clip_sample_range > 0.0) {
-            return Err(Error::config(path, "clip_sample_range", format!("{} is not a positive number", cfg.clip_sample_range)));
+            return Err(Error::config(
+                path,
+                "clip_sample_range",
+                format!("{} is not a positive number", cfg.clip_sample_range),
+            ));
         }
         let prediction = PredictionType::parse(
             &cfg.prediction_type,
@@ -85,7 +93,7 @@ impl DDIMScheduler {
         )?;
         let spacing = TimestepSpacing::parse(&cfg.timestep_spacing, path)?;
         let alphas_cumprod: Vec<f32> =
-            common::alphas_cumprod_f32(&torch_betas(&betas, path)?, false).into_iter().map(|a| a as f32).collect();
+            common::torch_alphas_cumprod(&betas, false, path)?.into_iter().map(|a| a as f32).collect();
         let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(Self {
             train_steps: betas.num_train_timesteps,
@@ -328,39 +336,4 @@ pub fn py_index(t: i64, len: usize) -> Option<usize> {
     let len = len as i64;
     let i = if t < 0 { t + len } else { t };
     (0..len).contains(&i).then_some(i as usize)
-}
-
-/// The training betas as diffusers' float32 tensor holds them (values in f64): `linear` and
-/// `scaled_linear` go through [`torch_linspace_f32`] (`scaled_linear` squares the float32 square
-/// roots in float32), `squaredcos_cap_v2` and `trained_betas` are f64 values rounded to f32.
-/// Feeding these to [`common::alphas_cumprod_f32`] gives diffusers' `alphas_cumprod` bit for bit;
-/// betas merely rounded from f64 leave sigmas up to 3e-7 off, which shows at 1e-5 in LMS steps.
-pub fn torch_betas(config: &BetaConfig, path: &Path) -> Result<Vec<f64>> {
-    // Validates the schedule name, trained_betas length and num_train_timesteps.
-    let betas = config.betas(path)?;
-    let n = config.num_train_timesteps;
-    let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
-    Ok(match (config.trained_betas.is_some(), config.beta_schedule.as_str()) {
-        (false, "linear") => widen(torch_linspace_f32(config.beta_start, config.beta_end, n)),
-        (false, "scaled_linear") => widen(
-            torch_linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n).into_iter().map(|r| r * r).collect(),
-        ),
-        _ => betas.into_iter().map(|b| b as f32 as f64).collect(),
-    })
-}
-
-/// `torch.linspace(start, end, n, dtype=torch.float32)` on the CPU, value for value: float32
-/// `step = (end - start) / (n - 1)`, the first half counted up from `start`, the second half down
-/// from `end`, each value one fused multiply-add (as torch's compiled kernel evaluates
-/// `start + step * i`).
-pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
-    let (start, end) = (start as f32, end as f32);
-    if n <= 1 {
-        return vec![start; n];
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
-        .collect()
 }

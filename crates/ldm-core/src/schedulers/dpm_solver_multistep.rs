@@ -6,6 +6,26 @@
 //! the initial noise has standard deviation 1 and the model input is not scaled. Each model
 //! output is converted to a data prediction (`++` variants) or a noise prediction, and the
 //! update uses the last `solver_order` of them, with `h` the step in `lambda = ln(alpha_t / sigma_t)`.
+//!
+//! Numerics: the schedule is built as numpy builds it (float64, rounded to float32 where
+//! diffusers stores float32), from diffusers' float32 `alphas_cumprod` reproduced bit for bit.
+//! The updates are float32 in diffusers' order of operations, coefficients included: with a
+//! large first sigma the data prediction `(x - sigma_t eps) / alpha_t` amplifies rounding by
+//! `1 / alpha_t`, so exact arithmetic would disagree with diffusers by more than its own
+//! rounding. What remains is torch's `exp`/`log` (Sleef/MKL), which are not correctly rounded.
+//!
+//! Surprises reproduced from diffusers 0.42:
+//! - Karras / Lu / exponential timesteps are rounded to integers, except for the
+//!   `squaredcos_cap_v2` schedule where they are truncated (stored as int64), so the first
+//!   Karras timestep there is 998, repeated.
+//! - `sigma_min`/`sigma_max` are not keys of this class, but diffusers keeps keys of other
+//!   classes as hidden config attributes and its Karras/exponential sigmas read them, so an
+//!   Euler config's values are used.
+//! - `final_sigmas_type = "zero"` (the default) is refused for `algorithm_type` names other
+//!   than `dpmsolver++`/`sde-dpmsolver++` as written, `deis` included.
+//! - Model calls are indexed. diffusers finds its first step by looking the first timestep up
+//!   and takes its second occurrence when it repeats (meant for img2img), which with the cosine
+//!   Karras schedule above skips a step and then fails; indexing is what it means to do.
 
 use std::path::Path;
 
@@ -286,7 +306,7 @@ impl DPMSolverMultistepScheduler {
         if keys.lambda_min_clipped.is_nan() {
             return Err(Error::config(path, "lambda_min_clipped", "is not a number"));
         }
-        let alphas_cumprod = common::alphas_cumprod_f32(&beta.betas(path)?, keys.rescale_betas_zero_snr);
+        let alphas_cumprod = common::torch_alphas_cumprod(&beta, keys.rescale_betas_zero_snr, path)?;
         let train_sigmas = common::train_sigmas(&alphas_cumprod);
         let log_sigmas = train_sigmas.iter().map(|s| common::f32_round(s.ln())).collect();
         let lambdas = alphas_cumprod

@@ -5,6 +5,10 @@
 //! deviation `sigma_up`, where `sigma_down^2 + sigma_up^2 = sigma_next^2`. The noise is drawn from
 //! the run's generator at every step (the last one included, where `sigma_up = 0`), as diffusers'
 //! `randn_tensor` call does, so later draws stay in step with diffusers.
+//!
+//! Numerics as in [`super::euler_discrete`]: the schedule as numpy/torch build it, the step in
+//! float32 in diffusers' order of operations (`sigma_down^2 = sigma_next^2 - sigma_up^2` cancels
+//! badly in float32, and we reproduce diffusers' rounding rather than compute it better).
 
 use std::path::Path;
 
@@ -77,7 +81,7 @@ impl EulerAncestralDiscreteScheduler {
                 format!("`{}` is not supported (linspace, leading, trailing)", keys.timestep_spacing),
             ));
         }
-        let alphas_cumprod = common::alphas_cumprod_f32(&beta.betas(path)?, keys.rescale_betas_zero_snr);
+        let alphas_cumprod = common::torch_alphas_cumprod(&beta, keys.rescale_betas_zero_snr, path)?;
         let train_sigmas = common::train_sigmas(&alphas_cumprod);
         let mut sigmas: Vec<f64> = train_sigmas.iter().rev().copied().collect();
         sigmas.push(0.0);

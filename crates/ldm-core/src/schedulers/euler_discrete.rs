@@ -3,6 +3,16 @@
 //!
 //! The sample lives in the "variance exploding" parametrisation `x = x0 + sigma * eps`, so the
 //! initial noise is scaled by the largest sigma and the model sees `x / sqrt(sigma^2 + 1)`.
+//!
+//! Numerics: the schedule is built as numpy builds it (float64, rounded to float32 where
+//! diffusers stores float32: timesteps, sigmas), from diffusers' float32 `alphas_cumprod`
+//! reproduced bit for bit ([`common::torch_alphas_cumprod`]). The step itself is float32 in
+//! diffusers' order of operations: `x + (x - x0) / sigma * dt` cancels at large sigmas (4096
+//! for zero-terminal-SNR schedules), where diffusers' float32 rounding is visible at 1e-4 of
+//! the result, so computing more exactly would disagree with diffusers by more than that.
+//!
+//! Model calls are indexed: diffusers looks the first timestep up in the schedule and takes its
+//! second occurrence when it repeats (meant for img2img); for text-to-image that is index 0.
 
 use std::path::Path;
 
@@ -174,7 +184,7 @@ impl EulerDiscreteScheduler {
                 ))
             }
         };
-        let alphas_cumprod = common::alphas_cumprod_f32(&beta.betas(path)?, keys.rescale_betas_zero_snr);
+        let alphas_cumprod = common::torch_alphas_cumprod(&beta, keys.rescale_betas_zero_snr, path)?;
         let train_sigmas = common::train_sigmas(&alphas_cumprod);
         let log_sigmas = train_sigmas.iter().map(|s| common::f32_round(s.ln())).collect();
         // Before `set_timesteps`, diffusers' sigmas are the training ones, descending, then 0.

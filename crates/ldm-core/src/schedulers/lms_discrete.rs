@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::common::{self, BetaConfig};
-use super::ddim::{torch_betas, PredictionType, TimestepSpacing};
+use super::ddim::{PredictionType, TimestepSpacing};
 use super::{NoiseSource, Scheduler};
 use crate::{Error, Result};
 
@@ -115,7 +115,7 @@ impl LMSDiscreteScheduler {
             path,
         )?;
         let spacing = TimestepSpacing::parse(&cfg.timestep_spacing, path)?;
-        let train_sigmas = common::train_sigmas(&common::alphas_cumprod_f32(&torch_betas(&betas, path)?, false));
+        let train_sigmas = common::train_sigmas(&common::torch_alphas_cumprod(&betas, false, path)?);
         let log_sigmas = train_sigmas.iter().map(|s| common::f32_round(s.ln())).collect();
         Ok(Self {
             train_steps: betas.num_train_timesteps,
@@ -174,8 +174,7 @@ impl Scheduler for LMSDiscreteScheduler {
             .map(|t| t as f32 as f64)
             .collect();
         // np.interp clamps outside [0, train - 1] (trailing spacing can give -1).
-        let mut sigmas: Vec<f64> =
-            timesteps.iter().map(|&t| common::interp_unit_grid(t, &self.train_sigmas)).collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| common::interp_unit_grid(t, &self.train_sigmas)).collect();
         if self.schedule != SigmaSchedule::Interpolated && !sigmas.is_empty() {
             let (in_min, in_max) = (sigmas[sigmas.len() - 1], sigmas[0]);
             sigmas = match self.schedule {

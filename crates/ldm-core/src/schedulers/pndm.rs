@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::common::{self, BetaConfig};
-use super::ddim::{py_index, round_half_even, torch_betas, PredictionType, TimestepSpacing};
+use super::ddim::{py_index, round_half_even, PredictionType, TimestepSpacing};
 use super::{NoiseSource, Scheduler};
 use crate::{Error, Result};
 
@@ -85,7 +85,7 @@ impl PNDMScheduler {
             PredictionType::parse(&cfg.prediction_type, &[PredictionType::Epsilon, PredictionType::VPrediction], path)?;
         let spacing = TimestepSpacing::parse(&cfg.timestep_spacing, path)?;
         let alphas_cumprod: Vec<f32> =
-            common::alphas_cumprod_f32(&torch_betas(&betas, path)?, false).into_iter().map(|a| a as f32).collect();
+            common::torch_alphas_cumprod(&betas, false, path)?.into_iter().map(|a| a as f32).collect();
         let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(Self {
             train_steps: betas.num_train_timesteps,
@@ -322,8 +322,7 @@ impl Scheduler for PNDMScheduler {
         }
         let t = self.timesteps[index];
         let (mo, x) = (model_output.to_vec(), sample.to_vec());
-        let prev =
-            if self.counter < self.prk_len { self.step_prk(mo, t, x)? } else { self.step_plms(mo, t, x)? };
+        let prev = if self.counter < self.prk_len { self.step_prk(mo, t, x)? } else { self.step_plms(mo, t, x)? };
         self.counter += 1;
         Ok(prev)
     }
