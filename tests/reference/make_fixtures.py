@@ -372,10 +372,14 @@ def main() -> None:
     ROOT = Path(args.repo_root).resolve()
     fx = ROOT / "tests" / "fixtures"
     ref = fx / "reference"
-    owned = ["txt2img-tiny", "superres-tiny", "unet-linear-proj", "tokenizer-json", "variants", "reference"]
+    owned = ["txt2img-tiny", "superres-tiny", "unet-linear-proj", "tokenizer-json", "variants"]
     for d in owned:
         shutil.rmtree(fx / d, ignore_errors=True)
+    # reference/ is shared with the scheduler and rng scripts: remove only what this script writes.
     ref.mkdir(parents=True, exist_ok=True)
+    for f in ref.iterdir():
+        if not f.name.startswith(("sched_", "rng")):
+            f.unlink()
 
     print(f"torch {torch.__version__}  diffusers {diffusers.__version__}  transformers {transformers.__version__}")
     keys_md: list[str] = []
