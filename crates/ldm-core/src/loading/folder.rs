@@ -404,10 +404,49 @@ pub fn format_count(n: u64) -> String {
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
+    serde_json::from_str(&text).or_else(|source| {
+        // Python's json writes non-finite floats as bare `Infinity`/`-Infinity`/`NaN` (diffusers
+        // saves DPMSolverMultistepScheduler's `lambda_min_clipped` as `-Infinity`), which JSON
+        // does not allow. Read them as strings; the schedulers accept "-inf"-like strings there.
+        serde_json::from_str(&quote_python_non_finite(&text)).map_err(|_| Error::Json { path: path.to_path_buf(), source })
     })
+}
+
+/// Quotes the bare tokens `Infinity`, `-Infinity` and `NaN` outside JSON strings.
+fn quote_python_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"].iter().find(|t| rest.starts_with(**t)) {
+            out.push('"');
+            out.push_str(tok);
+            out.push('"');
+            rest = &rest[tok.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_non_finite_floats_are_quoted_outside_strings() {
+        let text = r#"{"a": -Infinity, "b": "NaN in \"Infinity\"", "c": [NaN, Infinity]}"#;
+        let v: serde_json::Value = serde_json::from_str(&super::quote_python_non_finite(text)).unwrap();
+        assert_eq!(v["a"], "-Infinity");
+        assert_eq!(v["b"], r#"NaN in "Infinity""#);
+        assert_eq!(v["c"][0], "NaN");
+        assert_eq!(v["c"][1], "Infinity");
+    }
 }
 
 fn string_field(path: &Path, json: &serde_json::Value, field: &str) -> Result<String> {
