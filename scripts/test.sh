@@ -8,4 +8,26 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# Debian packages the tests use: C/C++ compilers and pkg-config (the C ABI is tested from real C
+# and C++ programs), valgrind (the C ABI leak test), Mesa's software Vulkan driver (the GPU
+# backend's kernels run on lavapipe, as CI has no GPU).
+packages=(gcc g++ pkg-config valgrind mesa-vulkan-drivers libvulkan1)
+missing=()
+if command -v dpkg >/dev/null; then
+  for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+fi
+if ((${#missing[@]})); then
+  sudo=()
+  [[ $(id -u) -ne 0 ]] && sudo=(sudo)
+  echo "scripts/test.sh: installing ${missing[*]}" >&2
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Every crate's tests on the CPU: models, schedulers, pipelines, the shared cases through the core,
+# the `ldm` binary and a C program, hostile input, fuzz smoke runs, the soak test.
 cargo test --workspace --all-targets --locked
+# The GPU backend (feature `webgpu`) on lavapipe: every kernel, every model, the shared cases.
+cargo test -p ldm-core --features webgpu --test webgpu --locked

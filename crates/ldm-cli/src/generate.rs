@@ -13,9 +13,10 @@ use crate::output;
 /// Options shared by both generation commands.
 #[derive(Args, Debug)]
 pub struct Common {
-    /// The model: a diffusers folder or a hub id ORG/NAME[@REVISION].
+    /// The model: a diffusers folder or a hub id ORG/NAME[@REVISION] [default: the shipped model
+    /// (models/ldm-shapes, models/ldm-shapes-superres), or $LDM_MODEL / $LDM_SUPERRES_MODEL].
     #[arg(long, value_name = "PATH_OR_ID")]
-    pub model: String,
+    pub model: Option<String>,
     /// Denoising steps [default: 50 for txt2img, 100 for superres].
     #[arg(long, value_name = "N")]
     pub steps: Option<usize>,
@@ -76,9 +77,53 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
 }
 
-fn load(common: &Common) -> Result<Pipeline<Cpu>> {
+/// Which shipped model a command falls back to when `--model` is absent.
+#[derive(Clone, Copy)]
+enum Shipped {
+    Txt2Img,
+    SuperRes,
+}
+
+impl Shipped {
+    /// The environment variable that overrides the shipped model, and the folder in the
+    /// repository. The folder is baked in at compile time from this crate's location, so it only
+    /// exists for binaries run from (or built in) a checkout; an installed binary needs the
+    /// variable or `--model`.
+    fn default(self) -> (&'static str, &'static str) {
+        match self {
+            Shipped::Txt2Img => ("LDM_MODEL", concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/ldm-shapes")),
+            Shipped::SuperRes => {
+                ("LDM_SUPERRES_MODEL", concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/ldm-shapes-superres"))
+            }
+        }
+    }
+}
+
+/// `--model`, else the environment variable, else the shipped model of the repository.
+fn model_spec(common: &Common, shipped: Shipped) -> Result<String> {
+    if let Some(m) = &common.model {
+        return Ok(m.clone());
+    }
+    let (var, dir) = shipped.default();
+    if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        return Ok(v.to_string_lossy().into_owned());
+    }
+    let path = Path::new(dir);
+    if !path.join("model_index.json").is_file() {
+        return Err(Error::NotFound {
+            path: path.to_path_buf(),
+            what: format!(
+                "the shipped model (this binary was built in a checkout that no longer has it); pass --model or set {var}"
+            ),
+        });
+    }
+    // a tidy path for messages and PNG metadata: CARGO_MANIFEST_DIR/../../models/x -> ROOT/models/x
+    Ok(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string())
+}
+
+fn load(common: &Common, model: &str) -> Result<Pipeline<Cpu>> {
     output::check_target(&common.output)?;
-    let dir = crate::resolve_model(&common.model)?;
+    let dir = crate::resolve_model(model)?;
     Pipeline::load_folder(&dir, &Cpu)
 }
 
@@ -91,7 +136,8 @@ pub fn txt2img(a: &Txt2ImgArgs) -> Result<()> {
         None => None,
     };
     let c = &a.common;
-    let pipeline = load(c)?;
+    let model = model_spec(c, Shipped::Txt2Img)?;
+    let pipeline = load(c, &model)?;
     let params = Txt2ImgParams {
         prompts: a.prompt.clone(),
         steps: c.steps.unwrap_or(50),
@@ -104,7 +150,7 @@ pub fn txt2img(a: &Txt2ImgArgs) -> Result<()> {
         latents,
     };
     let mut bar = ProgressBar::new(c.quiet);
-    let images = pipeline.txt2img(&params, Some(&mut |p| bar.update(p)))?;
+    let images = pipeline.txt2img(&params, Some(&mut |p| bar.update(p) && !crate::interrupt::requested()))?;
     bar.finish();
     let meta = |i: usize| {
         vec![
@@ -114,7 +160,7 @@ pub fn txt2img(a: &Txt2ImgArgs) -> Result<()> {
             ("scheduler".to_string(), c.scheduler.clone().unwrap_or_else(|| "model default".into())),
             ("guidance".to_string(), a.guidance.to_string()),
             ("eta".to_string(), c.eta.to_string()),
-            ("model".to_string(), c.model.clone()),
+            ("model".to_string(), model.clone()),
         ]
     };
     output::write_images(&c.output, &images, meta)
@@ -124,7 +170,8 @@ pub fn superres(a: &SuperResArgs) -> Result<()> {
     let c = &a.common;
     let bytes = read_file(&a.image)?;
     let (rgb, w, h) = ldm_core::image::decode_image(&bytes, &a.image.display().to_string())?;
-    let pipeline = load(c)?;
+    let model = model_spec(c, Shipped::SuperRes)?;
+    let pipeline = load(c, &model)?;
     let params = SuperResParams {
         rgb,
         width: w as usize,
@@ -135,7 +182,7 @@ pub fn superres(a: &SuperResArgs) -> Result<()> {
         scheduler: c.scheduler.clone(),
     };
     let mut bar = ProgressBar::new(c.quiet);
-    let images = pipeline.superres(&params, Some(&mut |p| bar.update(p)))?;
+    let images = pipeline.superres(&params, Some(&mut |p| bar.update(p) && !crate::interrupt::requested()))?;
     bar.finish();
     let meta = |_| {
         vec![
@@ -144,7 +191,7 @@ pub fn superres(a: &SuperResArgs) -> Result<()> {
             ("steps".to_string(), params.steps.to_string()),
             ("scheduler".to_string(), c.scheduler.clone().unwrap_or_else(|| "model default".into())),
             ("eta".to_string(), c.eta.to_string()),
-            ("model".to_string(), c.model.clone()),
+            ("model".to_string(), model.clone()),
         ]
     };
     output::write_images(&c.output, &images, meta)

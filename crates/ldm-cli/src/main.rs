@@ -1,5 +1,6 @@
 //! `ldm`: Latent Diffusion from the terminal. Each subcommand lives in its own module; this file
-//! only parses arguments and turns errors into one `error: ...` line and exit status 1.
+//! only parses arguments and turns errors into one `error: ...` line and an exit status that
+//! tells the class of the error (see [`exit_status`]).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod generate;
 mod info;
+mod interrupt;
 mod output;
 
 /// Latent Diffusion (a Rust port of diffusers' LDM pipelines).
@@ -22,7 +24,17 @@ Environment:
   HF_HOME         the Hugging Face home folder
   HF_HUB_OFFLINE  set to 1 to never download; models must then be in the cache
   HF_ENDPOINT     the hub address (default: https://huggingface.co)
-  HF_TOKEN        an access token for gated or private models")]
+  HF_TOKEN        an access token for gated or private models
+
+Exit status of txt2img and superres (ldm info exits with 1 on any error):
+  0  success
+  1  internal error (a bug, or an I/O failure such as a full disk)
+  2  invalid argument or usage: a bad option value, image, latents file or output path
+  3  not found: the model folder, a component, a weight file or an input file is missing
+  4  bad model: a config, weight file or tokenizer is damaged or inconsistent
+  5  unsupported: a model class, option or tensor dtype this program does not implement
+  6  out of memory: the run's estimated memory exceeds what is available (refused before starting)
+  7  cancelled: interrupted by Ctrl-C or SIGTERM (no output file is left behind)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,6 +76,20 @@ pub(crate) fn print_stdout(text: &str) {
     let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
 }
 
+/// The exit status of each class of error, as documented in `ldm --help`.
+pub(crate) fn exit_status(kind: ldm_core::ErrorKind) -> u8 {
+    use ldm_core::ErrorKind as K;
+    match kind {
+        K::Internal => 1,
+        K::InvalidArgument => 2,
+        K::NotFound => 3,
+        K::BadModel => 4,
+        K::Unsupported => 5,
+        K::OutOfMemory => 6,
+        K::Cancelled => 7,
+    }
+}
+
 fn main() -> ExitCode {
     // A panic is a bug, but it still must reach the user as one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -79,12 +105,35 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("error: internal error: {msg}{at}");
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and `ldm` alone (the help, on stderr, status 2).
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => {
+            // clap's own message spans lines (usage, hints); the contract is one line.
+            let text = e.to_string();
+            let text = text.split("\n\nUsage:").next().unwrap_or("");
+            let text = text.split("\n\nFor more information").next().unwrap_or("");
+            let text = one_line(text);
+            eprintln!("error: {} (see ldm --help)", text.strip_prefix("error: ").unwrap_or(&text));
+            return ExitCode::from(exit_status(ldm_core::ErrorKind::InvalidArgument));
+        }
+    };
+    // `ldm info` reports any error with status 1 (its documented contract); the generating
+    // commands tell the error's class.
+    let classify = !matches!(cli.command, Command::Info(_));
+    interrupt::install();
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", one_line(&e.to_string()));
-            ExitCode::FAILURE
+            // An interrupt may surface as any error of the step it stopped; it is still an interrupt.
+            let kind = if interrupt::requested() { ldm_core::ErrorKind::Cancelled } else { e.kind() };
+            let msg = match e {
+                ldm_core::Error::Cancelled if interrupt::requested() => "interrupted; no output was written".to_string(),
+                e => one_line(&e.to_string()),
+            };
+            eprintln!("error: {msg}");
+            ExitCode::from(if classify { exit_status(kind) } else { 1 })
         }
         Err(_) => ExitCode::FAILURE,
     }

@@ -35,6 +35,21 @@ pub fn check_target(path: &Path) -> Result<()> {
     }
     let probe = tempfile_in(dir)?;
     drop(probe);
+    // The name itself must be creatable too (not too long, not a special file), so that a run
+    // is not wasted on an output that cannot be written. An existing file stays untouched.
+    if path.exists() {
+        if !path.is_file() {
+            return Err(Error::InvalidArgument(format!("output {} exists and is not a regular file", path.display())));
+        }
+        std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 
@@ -75,6 +90,9 @@ fn tempfile_in(dir: &Path) -> Result<TempFile> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile_in(parent(path))?;
     std::fs::write(&tmp.path, bytes).map_err(|e| Error::Io { path: tmp.path.clone(), source: e })?;
+    if crate::interrupt::requested() {
+        return Err(Error::Cancelled); // `tmp` is removed as it drops
+    }
     std::fs::rename(&tmp.path, path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     tmp.keep = true;
     Ok(())

@@ -74,6 +74,24 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
             .map_err(|msg| image_err(what, format!("invalid JPEG: {msg}")))?;
     }
     let decode_err = |e: ::image::ImageError| image_err(what, format!("invalid {name} image: {e}"));
+    let too_large = |w: u32, h: u32| {
+        image_err(
+            what,
+            format!(
+                "the {name} image is {w}x{h} pixels, larger than supported \
+                 (at most {MAX_IMAGE_SIDE} pixels a side and {MAX_IMAGE_PIXELS} pixels in all)"
+            ),
+        )
+    };
+    // A PNG's size is in its first chunk: refuse absurd sizes before the decoder sizes its row
+    // buffers from them (it would fail with a bare "memory limit exceeded").
+    if format == ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+        let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+        if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || (w as u64) * (h as u64) > MAX_IMAGE_PIXELS {
+            return Err(too_large(w, h));
+        }
+    }
 
     // First read the header only, with no size limit, so that the size can be named in the error;
     // `max_alloc` still bounds what the PNG decoder may allocate for metadata chunks.
@@ -90,13 +108,7 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
         ));
     }
     if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || (w as u64) * (h as u64) > MAX_IMAGE_PIXELS {
-        return Err(image_err(
-            what,
-            format!(
-                "the {name} image is {w}x{h} pixels, larger than supported \
-                 (at most {MAX_IMAGE_SIDE} pixels a side and {MAX_IMAGE_PIXELS} pixels in all)"
-            ),
-        ));
+        return Err(too_large(w, h));
     }
     let mut limits = ::image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);

@@ -11,6 +11,7 @@ pub mod nn;
 pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
+pub mod threads;
 pub mod tokenizer;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};

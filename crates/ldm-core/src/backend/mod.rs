@@ -1,11 +1,13 @@
 //! The compute backends. Every model is written once against [`Backend`]: the handful of tensor
-//! operations the LDM models need. The CPU implementation is candle ([`cpu::Cpu`]); a GPU one
-//! (WGSL through wgpu) implements the same trait.
+//! operations the LDM models need. The CPU implementation is candle ([`cpu::Cpu`]); the GPU one
+//! (WGSL compute kernels through wgpu, [`wgpu::Gpu`], feature `webgpu`) implements the same trait.
 //!
 //! Tensors are float32 and contiguous from the model's point of view; shapes are plain
 //! `&[usize]` in PyTorch order (N, C, H, W).
 
 pub mod cpu;
+#[cfg(feature = "webgpu")]
+pub mod wgpu;
 
 use crate::Result;
 
@@ -21,6 +23,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     fn dims(&self, t: &Self::Tensor) -> Vec<usize>;
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Uploads a model weight. A backend may store it differently from activations (the GPU
+    /// backend can keep weights as f16); every operation accepts either. Defaults to `upload`.
+    fn upload_weight(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
+        self.upload(data, shape)
+    }
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
 
     fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;

@@ -2,6 +2,7 @@
 
 pub mod folder;
 pub mod hub;
+pub mod pickle;
 pub mod weights;
 
 pub use weights::{find_weights, open_weight_file, PthFile, SafetensorsFile, Sharded, TensorMeta, TensorSource};

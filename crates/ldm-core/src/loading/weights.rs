@@ -25,7 +25,7 @@ pub trait TensorSource: Send + Sync {
     fn format(&self) -> String;
 }
 
-fn to_f32(bytes: &[u8], dtype: &str, file: &Path, name: &str) -> Result<Vec<f32>> {
+pub(crate) fn to_f32(bytes: &[u8], dtype: &str, file: &Path, name: &str) -> Result<Vec<f32>> {
     let unsupported = || Error::UnsupportedDtype {
         file: file.display().to_string(),
         name: name.to_string(),
@@ -54,10 +54,135 @@ fn to_f32(bytes: &[u8], dtype: &str, file: &Path, name: &str) -> Result<Vec<f32>
     })
 }
 
+/// The bytes of a weight file: memory-mapped, or held in memory.
+enum Bytes {
+    Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Bits per element of the safetensors dtypes (sub-byte float formats included).
+fn safetensors_bits(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 8,
+        "I16" | "U16" | "F16" | "BF16" => 16,
+        "I32" | "U32" | "F32" => 32,
+        "I64" | "U64" | "F64" | "C64" => 64,
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        _ => return None,
+    })
+}
+
+/// The largest safetensors header accepted (the safetensors crate's own bound).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Checks a safetensors file's layout and returns `(header length, tensors)`, with a message
+/// naming the tensor and the numbers at fault for each way a file can be truncated or damaged:
+/// a header longer than the file, a header that is not JSON, entries that are not
+/// `{dtype, shape, data_offsets}`, offsets outside the data or overlapping, and data lengths
+/// that disagree with shape and dtype. Dtypes safetensors knows but we do not convert are
+/// accepted here and refused when the tensor is loaded.
+fn check_safetensors(bytes: &[u8], path: &Path) -> Result<(usize, HashMap<String, (TensorMeta, usize, usize)>)> {
+    let bad = |msg: String| Error::BadWeights { path: path.to_path_buf(), msg };
+    let len = bytes.len() as u64;
+    if len < 8 {
+        return Err(bad(format!(
+            "the file is {len} bytes, too short for a safetensors header (an 8-byte length, then JSON); \
+             it is truncated or not a safetensors file"
+        )));
+    }
+    let mut n8 = [0u8; 8];
+    n8.copy_from_slice(&bytes[..8]);
+    let n = u64::from_le_bytes(n8);
+    if n > len - 8 {
+        return Err(bad(format!(
+            "the header length field says {n} bytes, but the file has only {} bytes after it; \
+             the file is truncated (an interrupted download?) or not a safetensors file",
+            len - 8
+        )));
+    }
+    if n > MAX_SAFETENSORS_HEADER {
+        return Err(bad(format!("the header is {n} bytes, more than the {MAX_SAFETENSORS_HEADER} accepted")));
+    }
+    let n = n as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n])
+        .map_err(|e| bad(format!("the header is not UTF-8 text (byte {} of it); not a safetensors file", e.valid_up_to())))?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header)
+        .map_err(|e| bad(format!("the header is not a JSON object ({e}); the file is damaged or not safetensors")))?;
+    let data_len = bytes.len() - 8 - n;
+    let mut tensors = HashMap::new();
+    let mut spans: Vec<(usize, usize, &str)> = Vec::new();
+    for (name, entry) in &json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |key: &str| entry.get(key).ok_or_else(|| bad(format!("tensor `{name}`: the header entry has no `{key}`")));
+        let dtype = field("dtype")?
+            .as_str()
+            .ok_or_else(|| bad(format!("tensor `{name}`: `dtype` is {}, expected a string", entry["dtype"])))?
+            .to_string();
+        let shape: Vec<usize> = field("shape")?
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(format!("tensor `{name}`: `shape` is {}, expected a list of non-negative integers", entry["shape"])))?;
+        let offsets = field("data_offsets")?;
+        let (s, e) = match offsets.as_array().map(|a| a.as_slice()) {
+            Some([s, e]) => match (s.as_u64(), e.as_u64()) {
+                (Some(s), Some(e)) => (s, e),
+                _ => return Err(bad(format!("tensor `{name}`: `data_offsets` {offsets} are not two non-negative integers"))),
+            },
+            _ => return Err(bad(format!("tensor `{name}`: `data_offsets` is {offsets}, expected [start, end]"))),
+        };
+        if s > e || e > data_len as u64 {
+            return Err(bad(format!(
+                "tensor `{name}`: data offsets {s}..{e} are outside the {data_len} data bytes (the file is truncated or damaged)"
+            )));
+        }
+        let (s, e) = (s as usize, e as usize);
+        let Some(bits) = safetensors_bits(&dtype) else {
+            return Err(Error::UnsupportedDtype { file: path.display().to_string(), name: name.clone(), dtype });
+        };
+        let needed = shape
+            .iter()
+            .try_fold(bits, |acc, &d| acc.checked_mul(d))
+            .map(|b| b.div_ceil(8))
+            .ok_or_else(|| bad(format!("tensor `{name}`: shape {shape:?} is too large")))?;
+        if needed != e - s {
+            return Err(bad(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} needs {needed} bytes, but its data offsets {s}..{e} hold {}",
+                e - s
+            )));
+        }
+        spans.push((s, e, name));
+        tensors.insert(name.clone(), (TensorMeta { shape, dtype }, s, e));
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        let ((s1, e1, a), (s2, e2, b)) = (w[0], w[1]);
+        if e1 > s2 {
+            return Err(bad(format!("tensors `{a}` (bytes {s1}..{e1}) and `{b}` (bytes {s2}..{e2}) overlap")));
+        }
+    }
+    // The safetensors crate's own checks (contiguous data, nothing after the last tensor) as a
+    // backstop; its messages are terser.
+    safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("invalid safetensors layout: {e}")))?;
+    Ok((n, tensors))
+}
+
 /// A `.safetensors` file, memory-mapped; tensors are converted straight from the mapping.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    bytes: Bytes,
     data_start: usize,
     tensors: HashMap<String, (TensorMeta, usize, usize)>,
 }
@@ -68,29 +193,17 @@ impl SafetensorsFile {
         // SAFETY: the mapping is read-only; a file changed underneath us while it is mapped is
         // the documented hazard of memory-mapped weights, shared by every safetensors reader.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |msg: String| Error::BadWeights { path: path.to_path_buf(), msg };
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| match e {
-            safetensors::SafeTensorError::MetadataIncompleteBuffer
-            | safetensors::SafeTensorError::InvalidHeaderLength
-            | safetensors::SafeTensorError::HeaderTooSmall => bad(format!(
-                "{e}: the header and the file size ({} bytes) disagree; the file is truncated or damaged \
-                 (an interrupted download?)",
-                mmap.len()
-            )),
-            e => bad(e.to_string()),
-        })?;
-        let data_start = 8 + n;
-        let data_len = mmap.len() - data_start;
-        let mut tensors = HashMap::new();
-        for (name, info) in meta.tensors() {
-            let (s, e) = info.data_offsets;
-            if e > data_len || s > e {
-                return Err(bad(format!("tensor `{name}`: data offsets {s}..{e} outside the {data_len} data bytes")));
-            }
-            let dtype = format!("{:?}", info.dtype);
-            tensors.insert(name, (TensorMeta { shape: info.shape.clone(), dtype }, s, e));
-        }
-        Ok(Self { path: path.to_path_buf(), mmap, data_start, tensors })
+        Self::from(path, Bytes::Map(mmap))
+    }
+
+    /// Reads a safetensors file held in memory; `path` names it in messages.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from(path, Bytes::Owned(bytes))
+    }
+
+    fn from(path: &Path, bytes: Bytes) -> Result<Self> {
+        let (n, tensors) = check_safetensors(&bytes, path)?;
+        Ok(Self { path: path.to_path_buf(), bytes, data_start: 8 + n, tensors })
     }
 }
 
@@ -106,7 +219,7 @@ impl TensorSource for SafetensorsFile {
             file: self.path.display().to_string(),
             name: name.to_string(),
         })?;
-        let bytes = &self.mmap[self.data_start + s..self.data_start + e];
+        let bytes = &self.bytes[self.data_start + s..self.data_start + e];
         to_f32(bytes, &meta.dtype, &self.path, name)
     }
     fn location(&self, _name: Option<&str>) -> String {
@@ -117,69 +230,7 @@ impl TensorSource for SafetensorsFile {
     }
 }
 
-/// A PyTorch `.bin`/`.pt` file (a zip holding `data.pkl` and the storages). The pickle is
-/// interpreted as data by candle's reader; nothing in it is executed.
-pub struct PthFile {
-    path: PathBuf,
-    inner: candle_core::pickle::PthTensors,
-    metas: HashMap<String, TensorMeta>,
-}
-
-impl PthFile {
-    pub fn open(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::NotFound { path: path.to_path_buf(), what: "weight file".into() });
-        }
-        let inner = candle_core::pickle::PthTensors::new(path, None).map_err(|e| Error::BadWeights {
-            path: path.to_path_buf(),
-            msg: format!(
-                "{e} (expected a PyTorch zip checkpoint as torch.save writes it; the file may be truncated \
-                 or damaged, or in the pre-1.6 non-zip format, which is not supported)"
-            ),
-        })?;
-        let metas = inner
-            .tensor_infos()
-            .iter()
-            .map(|(k, ti)| {
-                let dtype = match ti.dtype {
-                    candle_core::DType::F32 => "F32".to_string(),
-                    candle_core::DType::F16 => "F16".to_string(),
-                    candle_core::DType::BF16 => "BF16".to_string(),
-                    candle_core::DType::F64 => "F64".to_string(),
-                    d => format!("{d:?}").to_uppercase(),
-                };
-                (k.clone(), TensorMeta { shape: ti.layout.dims().to_vec(), dtype })
-            })
-            .collect();
-        Ok(Self { path: path.to_path_buf(), inner, metas })
-    }
-}
-
-impl TensorSource for PthFile {
-    fn names(&self) -> Vec<String> {
-        self.metas.keys().cloned().collect()
-    }
-    fn meta(&self, name: &str) -> Option<TensorMeta> {
-        self.metas.get(name).cloned()
-    }
-    fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let file = self.path.display().to_string();
-        let meta = self.metas.get(name).ok_or_else(|| Error::MissingWeight { file: file.clone(), name: name.into() })?;
-        if !matches!(meta.dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
-            return Err(Error::UnsupportedDtype { file, name: name.into(), dtype: meta.dtype.clone() });
-        }
-        let bad = |msg: String| Error::BadWeights { path: self.path.clone(), msg: format!("tensor `{name}`: {msg}") };
-        let t = self.inner.get(name).map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad("not found".into()))?;
-        let t = t.to_dtype(candle_core::DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
-        t.map_err(|e| bad(e.to_string()))
-    }
-    fn location(&self, _name: Option<&str>) -> String {
-        self.path.display().to_string()
-    }
-    fn format(&self) -> String {
-        "pytorch".into()
-    }
-}
+pub use super::pickle::PthFile;
 
 /// Several files seen as one (sharded checkpoints).
 pub struct Sharded {

@@ -32,7 +32,25 @@ impl<T: Clone> PerBlock<T> {
 /// Parses a config JSON value into `T`; the error names the file and serde's account of the
 /// field at fault.
 pub fn parse<T: DeserializeOwned>(value: &serde_json::Value, path: &Path) -> Result<T> {
-    T::deserialize(value).map_err(|e| Error::Config { path: path.to_path_buf(), field: field_of(&e), msg: e.to_string() })
+    T::deserialize(value).map_err(|e| {
+        // serde's message does not name the field when a value has the wrong type ("invalid
+        // type: string, expected usize"). The config structs default every field, so parsing
+        // each key on its own finds the one at fault.
+        let culprit = value.as_object().and_then(|map| {
+            map.iter().find_map(|(k, v)| {
+                let alone = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
+                T::deserialize(&alone).err().map(|e| (k.clone(), v.clone(), e))
+            })
+        });
+        match culprit {
+            Some((field, v, e)) => {
+                let shown = v.to_string();
+                let shown = if shown.chars().count() > 80 { format!("{}...", shown.chars().take(80).collect::<String>()) } else { shown };
+                Error::Config { path: path.to_path_buf(), field, msg: format!("{shown} is not valid: {e}") }
+            }
+            None => Error::Config { path: path.to_path_buf(), field: field_of(&e), msg: e.to_string() },
+        }
+    })
 }
 
 fn field_of(e: &serde_json::Error) -> String {
@@ -57,6 +75,17 @@ pub const MAX_LAYERS: usize = 256;
 pub fn check_size(path: &Path, field: &str, value: usize, max: usize) -> Result<()> {
     if value == 0 || value > max {
         return Err(Error::config(path, field, format!("{value} is out of range (expected 1 to {max})")));
+    }
+    Ok(())
+}
+
+/// The largest `sample_size` (latent side) accepted; images are at most 8192 pixels a side.
+pub const MAX_SAMPLE_SIZE: usize = 8192;
+
+/// Checks `lo <= value <= hi`.
+pub fn check_range(path: &Path, field: &str, value: usize, lo: usize, hi: usize) -> Result<()> {
+    if value < lo || value > hi {
+        return Err(Error::config(path, field, format!("{value} is out of range (expected {lo} to {hi})")));
     }
     Ok(())
 }

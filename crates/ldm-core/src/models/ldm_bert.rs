@@ -111,6 +111,13 @@ impl<B: Backend> LDMBertModel<B> {
         check_size(path, "encoder_ffn_dim", c.encoder_ffn_dim, 8 * MAX_CHANNELS)?;
         check_size(path, "vocab_size", c.vocab_size, 1 << 22)?;
         check_size(path, "max_position_embeddings", c.max_position_embeddings, 1 << 16)?;
+        if c.max_position_embeddings < crate::tokenizer::MAX_LENGTH {
+            return Err(Error::config(path, "max_position_embeddings", format!(
+                "{} is out of range: the pipeline encodes {} tokens per prompt",
+                c.max_position_embeddings,
+                crate::tokenizer::MAX_LENGTH
+            )));
+        }
         check_unsupported(path, "activation_function", &c.activation_function.as_str(), &"gelu")?;
         check_unsupported(path, "scale_embedding", &c.scale_embedding, &false)?;
         // transformers saves the encoder under `model.`; the unused `to_logits` head sits beside it.

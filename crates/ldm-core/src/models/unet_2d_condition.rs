@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::backend::Backend;
-use crate::models::config::{self, check_size, check_unsupported, PerBlock, MAX_CHANNELS, MAX_LAYERS};
+use crate::models::config::{self, check_size, check_unsupported, check_range, MAX_SAMPLE_SIZE, PerBlock, MAX_CHANNELS, MAX_LAYERS};
 use crate::models::transformer_2d::TransformerCfg;
 use crate::models::unet_2d_blocks::{AttnKind, DownBlock, MidBlock, UpBlock};
 use crate::nn::{timestep_embedding, Conv2d, GroupNorm, ResnetCfg, TimestepEmbedding, Weights};
@@ -114,6 +114,10 @@ impl UNet2DConditionConfig {
         check_size(path, "in_channels", self.in_channels, MAX_CHANNELS)?;
         check_size(path, "out_channels", self.out_channels, MAX_CHANNELS)?;
         check_size(path, "norm_num_groups", self.norm_num_groups, MAX_CHANNELS)?;
+        if let Some(size) = self.sample_size {
+            check_size(path, "sample_size", size, MAX_SAMPLE_SIZE)?;
+        }
+        check_range(path, "downsample_padding", self.downsample_padding, 0, 1)?;
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::config(path, "down_block_types", format!(
                 "{} down and {} up block types for {n} block_out_channels",

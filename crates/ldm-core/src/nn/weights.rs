@@ -81,7 +81,7 @@ impl<B: Backend> Weights<B> {
             });
         }
         self.inner.used.lock().map_err(|_| Error::Backend("weights lock poisoned".into()))?.insert(key);
-        self.inner.backend.upload(data, shape)
+        self.inner.backend.upload_weight(data, shape)
     }
 
     /// Tensors in the source that no layer asked for (an extra tensor usually means the config

@@ -4,6 +4,7 @@
 //! super-resolution pipeline according to its `model_index.json`; the front ends call
 //! [`Pipeline::txt2img`] or [`Pipeline::superres`] on it.
 
+pub mod memory;
 pub mod superres;
 pub mod txt2img;
 
@@ -195,11 +196,45 @@ pub(crate) fn check_finite(name: &str, v: f32) -> Result<()> {
     Ok(())
 }
 
+/// Checks a tokenizer folder's `tokenizer.json`, if any, is well-formed JSON before the
+/// `tokenizers` crate reads it: that crate panics (rather than erring) on some malformed files,
+/// e.g. a raw control character inside a string of its `decoder` section.
+pub fn check_tokenizer_files(dir: &Path) -> Result<()> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| Error::Tokenizer { path, msg: format!("not valid JSON: {e}") })?;
+    Ok(())
+}
+
+/// The longest prompt accepted, in characters. The text encoder sees 77 tokens, so anything
+/// much longer is a mistake (a file passed as a prompt), not a description.
+pub const MAX_PROMPT_CHARS: usize = 10_000;
+
+/// Checks prompt `i` (0-based) is of a sane length and holds no NUL character (C strings
+/// cannot carry one, so a prompt with NUL would mean different things on different front ends).
+pub(crate) fn check_prompt(i: usize, prompt: &str) -> Result<()> {
+    let chars = prompt.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(Error::InvalidArgument(format!(
+            "prompt {} is {chars} characters long; at most {MAX_PROMPT_CHARS} are accepted (the text encoder reads 77 tokens)",
+            i + 1
+        )));
+    }
+    if let Some(at) = prompt.chars().position(|c| c == '\0') {
+        return Err(Error::InvalidArgument(format!("prompt {} holds a NUL character at position {at}", i + 1)));
+    }
+    Ok(())
+}
+
 /// Checks the model's output holds numbers, so NaN weights or an overflow give an error rather
 /// than a black image.
 pub(crate) fn check_output(what: &str, v: &[f32]) -> Result<()> {
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(Error::Backend(format!("{what} produced a non-finite value ({}) at index {i}", v[i])));
+        return Err(Error::NonFinite { what: what.to_string(), value: v[i], index: i });
     }
     Ok(())
 }

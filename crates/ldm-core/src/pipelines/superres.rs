@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::loading::folder::{ComponentKind, ModelFolder};
 use crate::models::unet_2d::UNet2DModel;
 use crate::models::vq_model::VQModel;
+use crate::pipelines::memory;
 use crate::pipelines::{check_finite, check_output, component, load_model, report, Images, ProgressFn, SchedulerSource, Stage};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -73,6 +74,10 @@ impl<B: Backend> SuperResolution<B> {
             return Err(Error::InvalidArgument(format!("{} bytes of RGB for a {w}x{h} image ({} expected)", p.rgb.len(), w * h * 3)));
         }
         let (nw, nh) = (w - w % 32, h - h % 32);
+        memory::check_memory(
+            &format!("super-resolution of a {w}x{h} image (to {}x{})", 4 * nw, 4 * nh),
+            self.estimate_memory(nh, nw),
+        )?;
         let rgb = if (nw, nh) == (w, h) {
             p.rgb.clone()
         } else {
@@ -86,6 +91,37 @@ impl<B: Backend> SuperResolution<B> {
             }
         }
         Ok((out, nh, nw))
+    }
+
+    /// Estimated peak memory in bytes of upscaling an input of `height x width` pixels (after
+    /// cropping to multiples of 32); see [`memory`].
+    pub fn estimate_memory(&self, height: usize, width: usize) -> u64 {
+        let c = &self.unet.config;
+        let n = c.block_out_channels.len();
+        let heads = |ch: usize| (ch / c.attention_head_dim.unwrap_or(ch).max(1)).max(1) as u64;
+        let mut levels: Vec<memory::Level> = (0..n)
+            .map(|i| {
+                let ch = c.block_out_channels[i];
+                memory::Level {
+                    positions: memory::positions_at(height, width, i),
+                    channels: ch as u64,
+                    layers: c.layers_per_block as u64,
+                    heads: if c.down_block_types.get(i).is_some_and(|t| t.contains("Attn")) { heads(ch) } else { 0 },
+                    context: 0,
+                }
+            })
+            .collect();
+        if n > 0 && c.add_attention {
+            levels.push(memory::Level { layers: 1, heads: heads(c.block_out_channels[n - 1]), ..levels[n - 1] });
+        }
+        let unet = memory::unet_peak(1, &levels);
+        let v = &self.vqvae.config;
+        let f = self.vqvae.config.scale_factor();
+        let decode = memory::decoder_peak(
+            1,
+            &memory::decoder_levels(&v.block_out_channels, v.layers_per_block, height * f, width * f, v.mid_block_add_attention),
+        );
+        unet.max(decode)
     }
 
     pub fn generate(&self, p: &SuperResParams, mut progress: Option<ProgressFn<'_>>) -> Result<Images> {

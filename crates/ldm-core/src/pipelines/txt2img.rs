@@ -4,7 +4,7 @@
 //! `init_noise_sigma` and the UNet input by `scale_model_input`, so that LMS and Euler give
 //! proper images; for DDIM and PNDM both are identities and the result is diffusers' own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
 use crate::loading::folder::{ComponentKind, ModelFolder};
@@ -13,7 +13,8 @@ use crate::models::ldm_bert::LDMBertModel;
 use crate::models::unet_2d_condition::UNet2DConditionModel;
 use crate::models::vq_model::VQModel;
 use crate::loading::folder::ComponentClass;
-use crate::pipelines::{check_finite, check_output, component, load_model, report, Images, ProgressFn, SchedulerSource, Stage};
+use crate::pipelines::memory;
+use crate::pipelines::{check_finite, check_prompt, check_output, component, load_model, report, Images, ProgressFn, SchedulerSource, Stage};
 use crate::rng::TorchGenerator;
 use crate::tokenizer::BertTokenizer;
 use crate::{Error, Result};
@@ -56,6 +57,9 @@ impl Default for Txt2ImgParams {
     }
 }
 
+/// The most prompts (images) in one run.
+pub const MAX_PROMPTS: usize = 64;
+
 /// The decoder of the text-to-image pipeline: the published checkpoint has an AutoencoderKL
 /// (in a folder named `vqvae`), but a VQModel works the same way.
 pub enum LatentDecoder<B: Backend> {
@@ -97,6 +101,7 @@ pub struct TextToImage<B: Backend> {
 impl<B: Backend> TextToImage<B> {
     pub fn load(folder: &ModelFolder, be: &B) -> Result<Self> {
         let tok = component(folder, ComponentKind::Tokenizer, "tokenizer")?;
+        crate::pipelines::check_tokenizer_files(&tok.dir)?;
         let tokenizer = BertTokenizer::from_folder(&tok.dir)?;
         let bert = load_model(component(folder, ComponentKind::TextEncoder, "text encoder (LDMBertModel)")?, be, LDMBertModel::load)?;
         let unet = load_model(component(folder, ComponentKind::UNet, "UNet2DConditionModel")?, be, UNet2DConditionModel::load)?;
@@ -134,8 +139,11 @@ impl<B: Backend> TextToImage<B> {
         if p.prompts.is_empty() {
             return Err(Error::InvalidArgument("at least one prompt is needed".into()));
         }
-        if p.prompts.len() > 64 {
-            return Err(Error::InvalidArgument(format!("{} prompts: at most 64 images per run", p.prompts.len())));
+        if p.prompts.len() > MAX_PROMPTS {
+            return Err(Error::InvalidArgument(format!("{} prompts: at most {MAX_PROMPTS} images per run", p.prompts.len())));
+        }
+        for (i, prompt) in p.prompts.iter().enumerate() {
+            check_prompt(i, prompt)?;
         }
         check_finite("guidance", p.guidance)?;
         check_finite("eta", p.eta)?;
@@ -153,7 +161,72 @@ impl<B: Backend> TextToImage<B> {
                 return Err(Error::InvalidArgument(format!("{name} {v} is larger than the supported 8192 pixels")));
             }
         }
+        if let Some(l) = &p.latents {
+            let n = p.prompts.len() * self.unet.config.in_channels * (h / f) * (w / f);
+            if l.len() != n {
+                return Err(Error::InvalidArgument(format!(
+                    "latents hold {} values; this run needs shape [{}, {}, {}, {}] ({n} values)",
+                    l.len(),
+                    p.prompts.len(),
+                    self.unet.config.in_channels,
+                    h / f,
+                    w / f
+                )));
+            }
+            if let Some(i) = l.iter().position(|v| !v.is_finite()) {
+                return Err(Error::InvalidArgument(format!("latents hold a non-finite value ({}) at index {i}", l[i])));
+            }
+        }
+        let guided = p.guidance != 1.0;
+        let needed = self.estimate_memory(p.prompts.len(), guided, h, w);
+        memory::check_memory(
+            &format!("text to image at {w}x{h} pixels for {} prompt(s){}", p.prompts.len(), if guided { " with guidance" } else { "" }),
+            needed,
+        )?;
         Ok((h, w))
+    }
+
+    /// Estimated peak memory in bytes of a run of `batch` prompts at `height x width` pixels
+    /// (guidance doubles the UNet's rows); see [`memory`].
+    pub fn estimate_memory(&self, batch: usize, guided: bool, height: usize, width: usize) -> u64 {
+        let c = &self.unet.config;
+        let f = self.vae.scale_factor().max(1);
+        let (h0, w0) = (height / f, width / f);
+        let n = c.block_out_channels.len();
+        let layers = c.layers_per_block.expand(n, Path::new(""), "").unwrap_or_else(|_| vec![2; n]);
+        let heads = match &c.num_attention_heads {
+            Some(h) => h.expand(n, Path::new(""), ""),
+            None => c.attention_head_dim.expand(n, Path::new(""), ""),
+        }
+        .unwrap_or_else(|_| vec![8; n]);
+        let mut levels: Vec<memory::Level> = (0..n)
+            .map(|i| memory::Level {
+                positions: memory::positions_at(h0, w0, i),
+                channels: c.block_out_channels[i] as u64,
+                layers: layers[i] as u64,
+                heads: if c.down_block_types.get(i).is_some_and(|t| t.contains("Attn")) { heads[i] as u64 } else { 0 },
+                context: crate::tokenizer::MAX_LENGTH as u64,
+            })
+            .collect();
+        if n > 0 {
+            levels.push(memory::Level { layers: 1, heads: heads[n - 1] as u64, ..levels[n - 1] });
+        }
+        let rows = (batch * if guided { 2 } else { 1 }) as u64;
+        let unet = memory::unet_peak(rows, &levels);
+        let (ch, lpb, mid) = match &self.vae {
+            LatentDecoder::Kl(m) => (&m.config.block_out_channels, m.config.layers_per_block, m.config.mid_block_add_attention),
+            LatentDecoder::Vq(m) => (&m.config.block_out_channels, m.config.layers_per_block, m.config.mid_block_add_attention),
+        };
+        let decode = memory::decoder_peak(batch as u64, &memory::decoder_levels(ch, lpb, height, width, mid));
+        unet.max(decode)
+    }
+
+    /// Checks the parameters and returns the shape `(batch, C, H/f, W/f)` of the initial latents
+    /// of a run with them, which given `latents` must match.
+    pub fn latent_shape(&self, p: &Txt2ImgParams) -> Result<[usize; 4]> {
+        let (height, width) = self.check(p)?;
+        let f = self.vae.scale_factor();
+        Ok([p.prompts.len(), self.unet.config.in_channels, height / f, width / f])
     }
 
     /// Runs the pipeline: returns `(batch, height, width, 3)` pixels in [0, 1].

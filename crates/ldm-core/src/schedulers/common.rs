@@ -196,7 +196,7 @@ pub fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `i > 1` is `start + i * delta` with `delta = (start - step) - start`.
 pub fn np_arange_down_to_zero(start: f64, step: f64) -> Vec<f64> {
     let len = ((0.0 - start) / -step).ceil();
-    if !(len >= 1.0) {
+    if len.is_nan() || len < 1.0 {
         return Vec::new();
     }
     let second = start + -step;

@@ -136,7 +136,8 @@ impl Algorithm {
 enum Prediction {
     Epsilon,
     Sample,
-    VPrediction,
+    /// `v_prediction` (Salimans & Ho 2022).
+    Velocity,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -227,7 +228,7 @@ impl DPMSolverMultistepScheduler {
         let prediction = match keys.prediction_type.as_str() {
             "epsilon" => Prediction::Epsilon,
             "sample" => Prediction::Sample,
-            "v_prediction" => Prediction::VPrediction,
+            "v_prediction" => Prediction::Velocity,
             other => {
                 return Err(Error::config(
                     path,
@@ -400,10 +401,10 @@ impl DPMSolverMultistepScheduler {
             .map(|(&x, &m)| match (data, self.prediction) {
                 (true, Prediction::Epsilon) => (x - sigma * m) / alpha,
                 (true, Prediction::Sample) => m,
-                (true, Prediction::VPrediction) => alpha * x - sigma * m,
+                (true, Prediction::Velocity) => alpha * x - sigma * m,
                 (false, Prediction::Epsilon) => m,
                 (false, Prediction::Sample) => (x - alpha * m) / sigma,
-                (false, Prediction::VPrediction) => alpha * m + sigma * x,
+                (false, Prediction::Velocity) => alpha * m + sigma * x,
             })
             .collect()
     }

@@ -78,7 +78,8 @@ enum SigmaSchedule {
 enum Prediction {
     Epsilon,
     Sample,
-    VPrediction,
+    /// `v_prediction` (Salimans & Ho 2022).
+    Velocity,
 }
 
 /// diffusers' `EulerDiscreteScheduler` (deterministic: `s_churn = 0`, so it never draws noise).
@@ -113,7 +114,7 @@ impl EulerDiscreteScheduler {
             "epsilon" => Prediction::Epsilon,
             // diffusers accepts the legacy name `original_sample` too.
             "sample" | "original_sample" => Prediction::Sample,
-            "v_prediction" => Prediction::VPrediction,
+            "v_prediction" => Prediction::Velocity,
             other => {
                 return Err(Error::config(
                     path,
@@ -200,7 +201,7 @@ impl EulerDiscreteScheduler {
             sigma_max: keys.sigma_max,
             spacing: keys.timestep_spacing,
             // diffusers only switches to continuous timesteps for v-prediction.
-            continuous_timesteps: continuous && prediction == Prediction::VPrediction,
+            continuous_timesteps: continuous && prediction == Prediction::Velocity,
             steps_offset: keys.steps_offset,
             final_sigma_min,
             train_sigmas,
@@ -248,9 +249,8 @@ impl Scheduler for EulerDiscreteScheduler {
             // diffusers: `torch.linspace(log(sigma_max), log(sigma_min), steps + 1).exp()`, i.e.
             // steps + 1 sigmas rather than one per timestep; with the final sigma appended after
             // them, the last model call steps to sigma_min and the final sigma is never reached.
-            let (hi, lo) =
-                (common::f32_round(self.train_sigmas[n_train - 1].ln()), common::f32_round(self.train_sigmas[0].ln()));
-            common::np_linspace(hi, lo, steps + 1).into_iter().map(|l| common::f32_round(l).exp()).collect()
+            let (hi, lo) = (self.train_sigmas[n_train - 1].ln() as f32, self.train_sigmas[0].ln() as f32);
+            common::torch_linspace_f32(hi, lo, steps + 1).into_iter().map(|l| f64::from(l).exp()).collect()
         } else {
             timesteps.iter().map(|&t| common::interp_unit_grid(t, &self.train_sigmas)).collect()
         };
@@ -327,7 +327,7 @@ impl Scheduler for EulerDiscreteScheduler {
                 let pred_x0 = match self.prediction {
                     Prediction::Epsilon => x - sigma * m,
                     Prediction::Sample => m,
-                    Prediction::VPrediction => m * v_scale + x / v_div,
+                    Prediction::Velocity => m * v_scale + x / v_div,
                 };
                 let derivative = (x - pred_x0) / sigma;
                 x + derivative * dt

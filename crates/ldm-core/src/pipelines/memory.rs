@@ -1,0 +1,133 @@
+//! Estimates of a run's peak memory, checked against what the machine has before anything is
+//! allocated, so that an absurd size is refused with a message instead of ending in the kernel's
+//! OOM killer (or an allocation abort, which no front end can catch).
+//!
+//! The estimates follow what the CPU backend materialises: feature maps of `(rows, C, H, W)`
+//! float32, the im2col buffer of each 3x3 convolution (`rows * H * W * C_in * 9` floats, candle's
+//! conv2d), full attention score matrices (`rows * heads * L * L`, scores and probabilities
+//! alive together), and the skip connections the UNet keeps from its down path to its up path.
+//! They are deliberately on the high side (within about 2x of measured peaks) and exclude the
+//! weights, which are already loaded when the check runs.
+
+use crate::{Error, Result};
+
+const F32: u64 = 4;
+/// Working memory beyond the activations: allocator slack, small buffers, the process itself.
+const OVERHEAD: u64 = 64 << 20;
+/// Assumed available memory where it cannot be read (non-Linux, wasm32, sandboxes).
+pub const FALLBACK_AVAILABLE: u64 = 8 << 30;
+
+/// Memory the machine can give this process now: `MemAvailable` of `/proc/meminfo` on Linux,
+/// further bounded by a cgroup limit when one is set. `None` where it cannot be read.
+pub fn available_memory() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        let mut avail = kib.saturating_mul(1024);
+        // A container's cgroup limit (v2), less what the cgroup already uses.
+        if let (Ok(max), Ok(cur)) = (
+            std::fs::read_to_string("/sys/fs/cgroup/memory.max"),
+            std::fs::read_to_string("/sys/fs/cgroup/memory.current"),
+        ) {
+            if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+                avail = avail.min(max.saturating_sub(cur));
+            }
+        }
+        Some(avail)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// Refuses a run whose estimate exceeds the available memory (or [`FALLBACK_AVAILABLE`]).
+pub fn check_memory(what: &str, needed: u64) -> Result<()> {
+    let (available, measured) = match available_memory() {
+        Some(a) => (a, true),
+        None => (FALLBACK_AVAILABLE, false),
+    };
+    if needed > available {
+        return Err(Error::OutOfMemory { what: what.to_string(), needed, available, measured });
+    }
+    Ok(())
+}
+
+/// One resolution level of a UNet or decoder, for the estimate.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Level {
+    /// Positions (height x width) at this level.
+    pub positions: u64,
+    pub channels: u64,
+    /// Resnets (and their attentions) in the block.
+    pub layers: u64,
+    /// Attention heads over the positions, 0 without attention.
+    pub heads: u64,
+    /// Context length of cross-attention (0: self-attention only).
+    pub context: u64,
+}
+
+fn mul(xs: &[u64]) -> u64 {
+    xs.iter().fold(1u64, |a, &b| a.saturating_mul(b))
+}
+
+/// The largest transient of one level: a 3x3 convolution's im2col buffer with its input and
+/// output (inputs up to twice the channels, from the concatenated skips), or attention's
+/// score and probability matrices.
+fn level_transient(rows: u64, l: &Level) -> u64 {
+    let fmap = mul(&[rows, l.channels, l.positions, F32]);
+    let conv = mul(&[rows, l.positions, 2 * l.channels, 9, F32]).saturating_add(fmap.saturating_mul(3));
+    let attn = if l.heads > 0 {
+        let self_attn = mul(&[rows, l.heads, l.positions, l.positions, F32, 3]);
+        let cross = mul(&[rows, l.heads, l.positions, l.context.max(1), F32, 3]);
+        self_attn.max(cross).saturating_add(fmap.saturating_mul(4))
+    } else {
+        0
+    };
+    conv.max(attn)
+}
+
+/// Peak bytes of one UNet call on `rows` samples: the skips kept from the down path plus the
+/// largest transient of any level.
+pub(crate) fn unet_peak(rows: u64, levels: &[Level]) -> u64 {
+    let skips = levels.iter().fold(0u64, |a, l| a.saturating_add(mul(&[rows, l.channels, l.positions, F32, l.layers + 1])));
+    let transient = levels.iter().map(|l| level_transient(rows, l)).max().unwrap_or(0);
+    skips.saturating_add(transient).saturating_add(OVERHEAD)
+}
+
+/// Peak bytes of decoding `rows` latents: the largest level's transient (the decoder keeps no
+/// skips), with the mid-block attention at the latent resolution.
+pub(crate) fn decoder_peak(rows: u64, levels: &[Level]) -> u64 {
+    let transient = levels.iter().map(|l| level_transient(rows, l)).max().unwrap_or(0);
+    transient.saturating_add(OVERHEAD)
+}
+
+/// The levels of a decoder (AutoencoderKL/VQModel) producing `h x w` pixels from `block_out_channels`.
+pub(crate) fn decoder_levels(ch: &[usize], layers: usize, h: usize, w: usize, mid_attention: bool) -> Vec<Level> {
+    let n = ch.len();
+    let mut levels = Vec::with_capacity(n + 1);
+    for (i, &c) in ch.iter().enumerate() {
+        // Level i runs at the output size divided by 2^i (the decoder walks them in reverse).
+        let positions = ((h >> i).max(1) as u64).saturating_mul((w >> i).max(1) as u64);
+        levels.push(Level { positions, channels: c as u64, layers: layers as u64 + 1, heads: 0, context: 0 });
+    }
+    if mid_attention && n > 0 {
+        let positions = ((h >> (n - 1)).max(1) as u64).saturating_mul((w >> (n - 1)).max(1) as u64);
+        levels.push(Level { positions, channels: ch[n - 1] as u64, layers: 1, heads: 1, context: 0 });
+    }
+    levels
+}
+
+/// The message's account of sizes: "a 64x64 latent grid" etc. is left to the callers.
+pub(crate) fn positions_at(h: usize, w: usize, level: usize) -> u64 {
+    let d = 1usize.checked_shl(level as u32).unwrap_or(usize::MAX);
+    (h.div_ceil(d).max(1) as u64).saturating_mul(w.div_ceil(d).max(1) as u64)
+}
