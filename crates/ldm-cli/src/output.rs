@@ -33,7 +33,14 @@ pub fn check_target(path: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::NotFound { path: dir.to_path_buf(), what: "the output's folder".into() });
     }
-    let probe = tempfile_in(dir)?;
+    let unwritable = |e: Error| match e {
+        Error::Io { source, .. } => Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(source.kind(), format!("the output cannot be written ({source})")),
+        },
+        e => e,
+    };
+    let probe = tempfile_in(dir).map_err(unwritable)?;
     drop(probe);
     // The name itself must be creatable too (not too long, not a special file), so that a run
     // is not wasted on an output that cannot be written. An existing file stays untouched.
@@ -41,13 +48,16 @@ pub fn check_target(path: &Path) -> Result<()> {
         if !path.is_file() {
             return Err(Error::InvalidArgument(format!("output {} exists and is not a regular file", path.display())));
         }
-        std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| unwritable(Error::Io { path: path.to_path_buf(), source: e }))?;
     } else {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+            .map_err(|e| unwritable(Error::Io { path: path.to_path_buf(), source: e }))?;
         let _ = std::fs::remove_file(path);
     }
     Ok(())

@@ -105,6 +105,7 @@ impl Scratch {
         }
         let left: Vec<_> = std::fs::read_dir(&self.out).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         assert!(left.is_empty(), "{args:?} left {left:?}");
+        eprintln!("[status {code}] {}", stderr.trim_end());
         stderr
     }
 }
@@ -559,7 +560,7 @@ fn image_truncated_jpeg() {
 
 #[test]
 fn image_of_zero_size() {
-    image_case(&png_header_only(0, 64), INVALID, &[]);
+    image_case(&png_header_only(0, 64), INVALID, &["empty", "0x64"]);
     image_case(&[], INVALID, &["empty"]);
 }
 
@@ -617,7 +618,7 @@ fn unwritable_output_path() {
     if Path::new("/sys").is_dir() {
         // Not writable even by root.
         args[n + 1] = "/sys/ldm-out.png".into();
-        s.fails(&args, INVALID, &["/sys"]);
+        s.fails(&args, INVALID, &["/sys/ldm-out.png", "cannot be written"]);
     }
     args[n + 1] = "/no/such/folder/out.png".into();
     s.fails(&args, NOT_FOUND, &["/no/such/folder"]);

@@ -88,6 +88,9 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, u32, u32)> {
     if format == ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
         let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
         let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+        if w == 0 || h == 0 {
+            return Err(image_err(what, format!("the PNG image is empty ({w}x{h} pixels)")));
+        }
         if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || (w as u64) * (h as u64) > MAX_IMAGE_PIXELS {
             return Err(too_large(w, h));
         }

@@ -68,6 +68,7 @@ fn check_err(err: &Error, kind: ErrorKind, needles: &[&str]) -> String {
         assert!(msg.contains(n), "`{msg}` should mention `{n}`");
     }
     assert!(!msg.contains("panicked"), "{msg}");
+    eprintln!("[{kind}] {msg}");
     msg
 }
 
@@ -763,8 +764,8 @@ fn image_truncated_png_and_jpeg() {
 
 #[test]
 fn image_of_zero_size() {
-    img_err(&png_header_only(0, 10), &[]);
-    img_err(&png_header_only(10, 0), &[]);
+    img_err(&png_header_only(0, 10), &["empty", "0x10"]);
+    img_err(&png_header_only(10, 0), &["empty", "10x0"]);
 }
 
 #[test]
@@ -871,4 +872,34 @@ fn tokenizer_json_that_makes_the_tokenizers_crate_panic() {
     text.insert_str(quote, "\"ty\u{1}pe\": 1, ");
     std::fs::write(tok.join("tokenizer.json"), text).unwrap();
     load_err(&dir, ErrorKind::BadModel, &["tokenizer.json", "not valid JSON"]);
+}
+
+#[test]
+fn pth_big_endian_checkpoint_is_unsupported() {
+    let pickle = state_dict(|p| p.tensor("w", "0", 1, 0, &[1], &[1]));
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in [("archive/data.pkl", pickle), ("archive/byteorder", b"big".to_vec()), ("archive/data/0", vec![0x3f, 0x80, 0, 0])] {
+        zip.start_file(name, opts).unwrap();
+        zip.write_all(&bytes).unwrap();
+    }
+    let bytes = zip.finish().unwrap().into_inner();
+    let err = PthFile::from_bytes(Path::new("be.bin"), bytes).err().unwrap();
+    check_err(&err, ErrorKind::Unsupported, &["be.bin", "big-endian"]);
+}
+
+#[test]
+fn tokenizer_json_whose_template_names_an_undefined_token() {
+    // Found by fuzzing (crates/ldm-fuzz/regressions/tokenizer/template-undefined-special-token.bin):
+    // `tokenizers` reads the file, then panics on the first encode.
+    let (_t, dir) = copy_fixture("txt2img-tiny");
+    let mut json = read_json(&fixture("tokenizer-json/tokenizer.json"));
+    json["post_processor"] = json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[CLSM", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [7], "tokens": ["[CLS]"]}}
+    });
+    write_json(&dir.join("tokenizer/tokenizer.json"), &json);
+    load_err(&dir, ErrorKind::BadModel, &["tokenizer.json", "`[CLSM`", "special_tokens"]);
 }

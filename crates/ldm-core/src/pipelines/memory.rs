@@ -14,8 +14,9 @@ use crate::{Error, Result};
 const F32: u64 = 4;
 /// Working memory beyond the activations: allocator slack, small buffers, the process itself.
 const OVERHEAD: u64 = 64 << 20;
-/// Assumed available memory where it cannot be read (non-Linux, wasm32, sandboxes).
-pub const FALLBACK_AVAILABLE: u64 = 8 << 30;
+/// Assumed available memory where it cannot be read (non-Linux, wasm32, sandboxes): 8 GiB, or
+/// 2 GiB in a 32-bit address space (wasm32's linear memory tops out at 4 GiB).
+pub const FALLBACK_AVAILABLE: u64 = if cfg!(target_pointer_width = "32") { 2 << 30 } else { 8 << 30 };
 
 /// Memory the machine can give this process now: `MemAvailable` of `/proc/meminfo` on Linux,
 /// further bounded by a cgroup limit when one is set. `None` where it cannot be read.
