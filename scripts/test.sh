@@ -31,3 +31,6 @@ fi
 cargo test --workspace --all-targets --locked
 # The GPU backend (feature `webgpu`) on lavapipe: every kernel, every model, the shared cases.
 cargo test -p ldm-core --features webgpu --test webgpu --locked
+# The browser: ldm-wasm's JavaScript API on WebGPU and on the CPU fallback (the shared cases,
+# hostile input, abort) and the demo page, in headless chromium.
+bash scripts/test-web.sh

@@ -161,7 +161,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path` (a missing file becomes [`Error::NotFound`]).
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
         if source.kind() == std::io::ErrorKind::NotFound {
             return Error::NotFound { path, what: "no such file or directory".into() };
@@ -169,7 +170,8 @@ impl Error {
         Error::Io { path, source }
     }
 
-    pub(crate) fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
+    /// A bad value in a config file: the file, the field and what is wrong.
+    pub fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
         Error::Config { path: path.into(), field: field.into(), msg: msg.into() }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod executor;
 pub mod image;
 pub mod loading;
 pub mod models;
@@ -13,5 +14,6 @@ pub mod rng;
 pub mod schedulers;
 pub mod threads;
 pub mod tokenizer;
+pub mod vfs;
 
 pub use error::{Error, ErrorKind, Result};

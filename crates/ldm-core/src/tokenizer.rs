@@ -60,8 +60,8 @@ struct BertConfig {
 impl BertConfig {
     /// Reads `path` if it exists; a missing file means transformers' defaults.
     fn read(path: &Path) -> Result<Self> {
-        let json = if path.is_file() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json = if crate::vfs::is_file(path) {
+            let text = crate::vfs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             serde_json::from_str(&text)
                 .map_err(|e| tok_err(path, format!("not valid JSON: {e}")))?
         } else {
@@ -124,11 +124,11 @@ impl BertTokenizer {
         let json_path = dir.join("tokenizer.json");
         let vocab_path = dir.join("vocab.txt");
         let config = BertConfig::read(&dir.join("tokenizer_config.json"))?;
-        let (inner, source) = if json_path.is_file() {
-            let tok =
-                Tokenizer::from_file(&json_path).map_err(|e| tok_err(&json_path, e.to_string()))?;
+        let (inner, source) = if crate::vfs::is_file(&json_path) {
+            let bytes = crate::vfs::read(&json_path).map_err(|e| Error::io(&json_path, e))?;
+            let tok = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&json_path, e.to_string()))?;
             (tok, json_path)
-        } else if vocab_path.is_file() {
+        } else if crate::vfs::is_file(&vocab_path) {
             (from_vocab(&vocab_path, &config)?, vocab_path)
         } else {
             return Err(Error::NotFound {
@@ -217,7 +217,7 @@ impl BertTokenizer {
 
 /// Builds the tokenizer transformers' `BertTokenizer` makes of `vocab.txt`.
 fn from_vocab(path: &Path, config: &BertConfig) -> Result<Tokenizer> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::vfs::read(path).map_err(|e| Error::io(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         tok_err(
             path,

@@ -29,6 +29,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.upload(data, shape)
     }
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Reads a tensor back without blocking: the form the pipelines use, since in the browser
+    /// the GPU's results arrive through the event loop. Defaults to `download`.
+    fn download_async(&self, t: &Self::Tensor) -> impl std::future::Future<Output = Result<Vec<f32>>> {
+        std::future::ready(self.download(t))
+    }
 
     fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
     /// Reorders the dimensions (PyTorch `permute`); the result is laid out contiguously.

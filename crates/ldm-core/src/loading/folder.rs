@@ -193,19 +193,19 @@ impl ModelFolder {
     /// is then named ".". Every class must be supported and every component folder present.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        if !dir.is_dir() {
+        if !crate::vfs::is_dir(dir) {
             return Err(Error::NotFound {
                 path: dir.to_path_buf(),
                 what: "model folder".into(),
             });
         }
         let index = dir.join("model_index.json");
-        if index.is_file() {
+        if crate::vfs::is_file(&index) {
             return Self::open_pipeline(dir, &index);
         }
         for file in ["config.json", "scheduler_config.json", "tokenizer_config.json"] {
             let path = dir.join(file);
-            if path.is_file() {
+            if crate::vfs::is_file(&path) {
                 return Self::open_single(dir, &path);
             }
         }
@@ -261,7 +261,7 @@ impl ModelFolder {
                 supported: ComponentClass::supported(),
             })?;
             let comp_dir = dir.join(name);
-            if !comp_dir.is_dir() {
+            if !crate::vfs::is_dir(&comp_dir) {
                 return Err(Error::NotFound {
                     path: comp_dir,
                     what: format!("folder of component `{name}` ({class}) listed in {}", index.display()),
@@ -403,7 +403,7 @@ pub fn format_count(n: u64) -> String {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::vfs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).or_else(|source| {
         // Python's json writes non-finite floats as bare `Infinity`/`-Infinity`/`NaN` (diffusers
         // saves DPMSolverMultistepScheduler's `lambda_min_clipped` as `-Infinity`), which JSON

@@ -866,6 +866,10 @@ pub struct PthFile {
 
 impl PthFile {
     pub fn open(path: &Path) -> Result<Self> {
+        if crate::vfs::mounted(path).is_some() {
+            let bytes = crate::vfs::read(path).map_err(|e| Error::io(path, e))?;
+            return Self::from_bytes(path, bytes);
+        }
         let file = std::fs::File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::NotFound { path: path.to_path_buf(), what: "weight file".into() },
             _ => Error::io(path, e),
@@ -909,7 +913,20 @@ impl PthFile {
             .min()
             .cloned()
             .ok_or_else(|| bad("the zip archive has no data.pkl (not a torch.save checkpoint)".into()))?;
-        let data_dir = format!("{}data/", &pkl[..pkl.len() - "data.pkl".len()]);
+        let prefix = &pkl[..pkl.len() - "data.pkl".len()];
+        let data_dir = format!("{prefix}data/");
+        // torch.save records the byte order of the storages; we read little-endian only.
+        if let Ok(entry) = zip.by_name(&format!("{prefix}byteorder")) {
+            let mut order = Vec::new();
+            let _ = entry.take(16).read_to_end(&mut order);
+            if order.trim_ascii() == b"big" {
+                return Err(Error::UnsupportedDtype {
+                    file: path.display().to_string(),
+                    name: "(every tensor)".into(),
+                    dtype: "big-endian storage (saved on a big-endian machine)".into(),
+                });
+            }
+        }
         let pickle = {
             let entry = zip.by_name(&pkl).map_err(|e| bad(format!("{pkl}: {e}")))?;
             if entry.size() > MAX_PICKLE_BYTES {
@@ -930,7 +947,7 @@ impl PthFile {
                 .index_for_name(&entry_name)
                 .ok_or_else(|| bad(format!("tensor `{name}`: its storage {entry_name} is missing from the archive")))?;
             let size = zip.by_index_raw(index).map(|e| e.size()).map_err(|e| bad(format!("{entry_name}: {e}")))?;
-            let needed = t.storage_numel.checked_mul(t.dtype.size() as u64).unwrap_or(u64::MAX);
+            let needed = t.storage_numel.saturating_mul(t.dtype.size() as u64);
             if size < needed {
                 return Err(bad(format!(
                     "tensor `{name}`: storage {entry_name} holds {size} bytes, shorter than the {} {} elements ({needed} bytes) \

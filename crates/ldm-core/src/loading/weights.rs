@@ -54,19 +54,26 @@ pub(crate) fn to_f32(bytes: &[u8], dtype: &str, file: &Path, name: &str) -> Resu
     })
 }
 
-/// The bytes of a weight file: memory-mapped, or held in memory.
+/// The bytes of a weight file: memory-mapped, held in memory, or a mounted file read a range at
+/// a time (see [`crate::vfs`]).
 enum Bytes {
     Map(memmap2::Mmap),
     Owned(Vec<u8>),
+    Mounted(std::sync::Arc<dyn crate::vfs::FileData>),
 }
 
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
+impl Bytes {
+    fn range(&self, start: usize, end: usize) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        let whole: &[u8] = match self {
             Bytes::Map(m) => m,
             Bytes::Owned(v) => v,
-        }
+            Bytes::Mounted(f) => {
+                let mut buf = vec![0; end - start];
+                f.read_at(start as u64, &mut buf)?;
+                return Ok(buf.into());
+            }
+        };
+        Ok(whole[start..end].into())
     }
 }
 
@@ -83,6 +90,9 @@ fn safetensors_bits(dtype: &str) -> Option<usize> {
     })
 }
 
+/// Tensor name -> (meta, start, end) of its data, relative to the data section.
+type TensorTable = HashMap<String, (TensorMeta, usize, usize)>;
+
 /// The largest safetensors header accepted (the safetensors crate's own bound).
 pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 
@@ -92,9 +102,13 @@ pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 /// `{dtype, shape, data_offsets}`, offsets outside the data or overlapping, and data lengths
 /// that disagree with shape and dtype. Dtypes safetensors knows but we do not convert are
 /// accepted here and refused when the tensor is loaded.
-fn check_safetensors(bytes: &[u8], path: &Path) -> Result<(usize, HashMap<String, (TensorMeta, usize, usize)>)> {
+fn check_safetensors(bytes: &[u8], path: &Path) -> Result<(usize, TensorTable)> {
+    check_safetensors_head(bytes, bytes.len() as u64, path)
+}
+
+/// [`check_safetensors`] given the file's first bytes (at least the header) and its length.
+fn check_safetensors_head(bytes: &[u8], len: u64, path: &Path) -> Result<(usize, TensorTable)> {
     let bad = |msg: String| Error::BadWeights { path: path.to_path_buf(), msg };
-    let len = bytes.len() as u64;
     if len < 8 {
         return Err(bad(format!(
             "the file is {len} bytes, too short for a safetensors header (an 8-byte length, then JSON); \
@@ -115,11 +129,14 @@ fn check_safetensors(bytes: &[u8], path: &Path) -> Result<(usize, HashMap<String
         return Err(bad(format!("the header is {n} bytes, more than the {MAX_SAFETENSORS_HEADER} accepted")));
     }
     let n = n as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + n])
+    let Some(header) = bytes.get(8..8 + n) else {
+        return Err(bad(format!("the header ({n} bytes) was not read whole")));
+    };
+    let header = std::str::from_utf8(header)
         .map_err(|e| bad(format!("the header is not UTF-8 text (byte {} of it); not a safetensors file", e.valid_up_to())))?;
     let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header)
         .map_err(|e| bad(format!("the header is not a JSON object ({e}); the file is damaged or not safetensors")))?;
-    let data_len = bytes.len() - 8 - n;
+    let data_len = (len - 8 - n as u64) as usize;
     let mut tensors = HashMap::new();
     let mut spans: Vec<(usize, usize, &str)> = Vec::new();
     for (name, entry) in &json {
@@ -175,7 +192,9 @@ fn check_safetensors(bytes: &[u8], path: &Path) -> Result<(usize, HashMap<String
     }
     // The safetensors crate's own checks (contiguous data, nothing after the last tensor) as a
     // backstop; its messages are terser.
-    safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("invalid safetensors layout: {e}")))?;
+    if bytes.len() as u64 == len {
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("invalid safetensors layout: {e}")))?;
+    }
     Ok((n, tensors))
 }
 
@@ -184,11 +203,14 @@ pub struct SafetensorsFile {
     path: PathBuf,
     bytes: Bytes,
     data_start: usize,
-    tensors: HashMap<String, (TensorMeta, usize, usize)>,
+    tensors: TensorTable,
 }
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(f) = crate::vfs::mounted(path) {
+            return Self::open_mounted(path, f);
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the mapping is read-only; a file changed underneath us while it is mapped is
         // the documented hazard of memory-mapped weights, shared by every safetensors reader.
@@ -201,8 +223,29 @@ impl SafetensorsFile {
         Self::from(path, Bytes::Owned(bytes))
     }
 
+    /// A mounted file: only the header is read now, each tensor when it is loaded.
+    fn open_mounted(path: &Path, f: std::sync::Arc<dyn crate::vfs::FileData>) -> Result<Self> {
+        let len = f.len();
+        let mut head = vec![0u8; len.min(8) as usize];
+        f.read_at(0, &mut head).map_err(|e| Error::io(path, e))?;
+        if head.len() == 8 {
+            let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            if n <= len - 8 && n <= MAX_SAFETENSORS_HEADER {
+                head.resize(8 + n as usize, 0);
+                f.read_at(8, &mut head[8..]).map_err(|e| Error::io(path, e))?;
+            }
+        }
+        let (n, tensors) = check_safetensors_head(&head, len, path)?;
+        Ok(Self { path: path.to_path_buf(), bytes: Bytes::Mounted(f), data_start: 8 + n, tensors })
+    }
+
     fn from(path: &Path, bytes: Bytes) -> Result<Self> {
-        let (n, tensors) = check_safetensors(&bytes, path)?;
+        let whole: &[u8] = match &bytes {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+            Bytes::Mounted(f) => return Self::open_mounted(path, f.clone()),
+        };
+        let (n, tensors) = check_safetensors(whole, path)?;
         Ok(Self { path: path.to_path_buf(), bytes, data_start: 8 + n, tensors })
     }
 }
@@ -219,8 +262,8 @@ impl TensorSource for SafetensorsFile {
             file: self.path.display().to_string(),
             name: name.to_string(),
         })?;
-        let bytes = &self.bytes[self.data_start + s..self.data_start + e];
-        to_f32(bytes, &meta.dtype, &self.path, name)
+        let bytes = self.bytes.range(self.data_start + s, self.data_start + e).map_err(|e| Error::io(&self.path, e))?;
+        to_f32(&bytes, &meta.dtype, &self.path, name)
     }
     fn location(&self, _name: Option<&str>) -> String {
         self.path.display().to_string()
@@ -242,7 +285,7 @@ pub struct Sharded {
 impl Sharded {
     /// Reads a `*.index.json` (`{"weight_map": {name: file}}`) and opens each shard once.
     pub fn open(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let text = crate::vfs::read_to_string(index).map_err(|e| Error::io(index, e))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
         let map = json
@@ -336,12 +379,12 @@ pub fn find_weights(dir: &Path, stems: &[&str]) -> Result<Box<dyn TensorSource>>
         for ext in ["safetensors", "bin"] {
             for stem in stems {
                 let single = dir.join(format!("{stem}{variant}.{ext}"));
-                if single.is_file() {
+                if crate::vfs::is_file(&single) {
                     return open_weight_file(&single);
                 }
                 for index in index_names(stem, variant, ext) {
                     let index = dir.join(index);
-                    if index.is_file() {
+                    if crate::vfs::is_file(&index) {
                         return open_weight_file(&index);
                     }
                 }

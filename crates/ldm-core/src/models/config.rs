@@ -60,7 +60,7 @@ fn field_of(e: &serde_json::Error) -> String {
 
 /// Reads and parses a `config.json`.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::vfs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     parse(&value, path)

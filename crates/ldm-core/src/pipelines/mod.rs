@@ -43,6 +43,17 @@ pub struct Progress {
 /// [`Error::Cancelled`] before the next model call.
 pub type ProgressFn<'a> = &'a mut dyn FnMut(Progress) -> bool;
 
+/// Awaited before each model call by the asynchronous forms of the pipelines: the browser front
+/// end passes a future that gives the event loop a turn, so that an abort can arrive while the
+/// CPU backend computes.
+pub type Pause<'a> = &'a dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+pub(crate) async fn pause(p: Option<Pause<'_>>) {
+    if let Some(f) = p {
+        f().await;
+    }
+}
+
 pub(crate) fn report(progress: &mut Option<ProgressFn<'_>>, stage: Stage, step: usize, total: usize) -> Result<()> {
     if let Some(f) = progress {
         if !f(Progress { stage, step, total }) {
@@ -108,8 +119,17 @@ impl<B: Backend> Pipeline<B> {
     }
 
     pub fn txt2img(&self, params: &Txt2ImgParams, progress: Option<ProgressFn<'_>>) -> Result<Images> {
+        crate::executor::block_on(self.txt2img_async(params, progress, None))
+    }
+
+    pub fn superres(&self, params: &SuperResParams, progress: Option<ProgressFn<'_>>) -> Result<Images> {
+        crate::executor::block_on(self.superres_async(params, progress, None))
+    }
+
+    /// The asynchronous form of [`Pipeline::txt2img`], for the browser (see [`Pause`]).
+    pub async fn txt2img_async(&self, params: &Txt2ImgParams, progress: Option<ProgressFn<'_>>, pause: Option<Pause<'_>>) -> Result<Images> {
         match self {
-            Pipeline::TextToImage(p) => p.generate(params, progress),
+            Pipeline::TextToImage(p) => p.generate_async(params, progress, pause).await,
             Pipeline::SuperResolution(p) => Err(Error::InvalidArgument(format!(
                 "{} is a super-resolution model; text to image needs a text-to-image model",
                 p.dir.display()
@@ -117,9 +137,10 @@ impl<B: Backend> Pipeline<B> {
         }
     }
 
-    pub fn superres(&self, params: &SuperResParams, progress: Option<ProgressFn<'_>>) -> Result<Images> {
+    /// The asynchronous form of [`Pipeline::superres`], for the browser (see [`Pause`]).
+    pub async fn superres_async(&self, params: &SuperResParams, progress: Option<ProgressFn<'_>>, pause: Option<Pause<'_>>) -> Result<Images> {
         match self {
-            Pipeline::SuperResolution(p) => p.generate(params, progress),
+            Pipeline::SuperResolution(p) => p.generate_async(params, progress, pause).await,
             Pipeline::TextToImage(p) => Err(Error::InvalidArgument(format!(
                 "{} is a text-to-image model; super-resolution needs a super-resolution model",
                 p.dir.display()
@@ -201,13 +222,45 @@ pub(crate) fn check_finite(name: &str, v: f32) -> Result<()> {
 /// e.g. a raw control character inside a string of its `decoder` section.
 pub fn check_tokenizer_files(dir: &Path) -> Result<()> {
     let path = dir.join("tokenizer.json");
-    if !path.is_file() {
+    if !crate::vfs::is_file(&path) {
         return Ok(());
     }
-    let bytes = std::fs::read(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
-        .map_err(|e| Error::Tokenizer { path, msg: format!("not valid JSON: {e}") })?;
+    let bytes = crate::vfs::read(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Error::Tokenizer { path: path.clone(), msg: format!("not valid JSON: {e}") })?;
+    if let Some(pp) = json.get("post_processor") {
+        check_template_tokens(pp, 0).map_err(|msg| Error::Tokenizer { path, msg })?;
+    }
     Ok(())
+}
+
+/// A `TemplateProcessing` post-processor must define every special token its templates name;
+/// `tokenizers` does not check this when it reads the file and panics on the first encode.
+fn check_template_tokens(pp: &serde_json::Value, depth: usize) -> std::result::Result<(), String> {
+    if depth > 8 {
+        return Err("post_processor nests too deeply".into());
+    }
+    match pp.get("type").and_then(|t| t.as_str()) {
+        Some("TemplateProcessing") => {
+            let defined = pp.get("special_tokens").and_then(|t| t.as_object());
+            for key in ["single", "pair"] {
+                for piece in pp.get(key).and_then(|t| t.as_array()).into_iter().flatten() {
+                    let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(|t| t.as_str()) else { continue };
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(format!("post_processor.{key} uses the special token `{id}`, which its special_tokens do not define"));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some("Sequence") => {
+            for p in pp.get("processors").and_then(|t| t.as_array()).into_iter().flatten() {
+                check_template_tokens(p, depth + 1)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The longest prompt accepted, in characters. The text encoder sees 77 tokens, so anything

@@ -8,7 +8,7 @@ use crate::loading::folder::{ComponentKind, ModelFolder};
 use crate::models::unet_2d::UNet2DModel;
 use crate::models::vq_model::VQModel;
 use crate::pipelines::memory;
-use crate::pipelines::{check_finite, check_output, component, load_model, report, Images, ProgressFn, SchedulerSource, Stage};
+use crate::pipelines::{check_finite, check_output, component, load_model, report, Images, Pause, ProgressFn, SchedulerSource, Stage};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -124,7 +124,13 @@ impl<B: Backend> SuperResolution<B> {
         unet.max(decode)
     }
 
-    pub fn generate(&self, p: &SuperResParams, mut progress: Option<ProgressFn<'_>>) -> Result<Images> {
+    pub fn generate(&self, p: &SuperResParams, progress: Option<ProgressFn<'_>>) -> Result<Images> {
+        crate::executor::block_on(self.generate_async(p, progress, None))
+    }
+
+    /// The asynchronous form of [`SuperResolution::generate`]: tensors are read back with
+    /// `download_async`, and `pause` is awaited before each model call.
+    pub async fn generate_async(&self, p: &SuperResParams, mut progress: Option<ProgressFn<'_>>, pause: Option<Pause<'_>>) -> Result<Images> {
         let be = &self.be;
         check_finite("eta", p.eta)?;
         if p.eta < 0.0 {
@@ -147,12 +153,13 @@ impl<B: Backend> SuperResolution<B> {
         let total = scheduler.timesteps().len();
         for i in 0..total {
             report(&mut progress, Stage::Denoise, i, total)?;
+            crate::pipelines::pause(pause).await;
             let t = scheduler.timesteps()[i];
             let mut input = latents.clone();
             input.extend_from_slice(&image);
             let input = scheduler.scale_model_input(&input, i);
             let x = be.upload(input, &[1, 2 * c, h, w])?;
-            let out = be.download(&self.unet.forward(&x, &[t])?)?;
+            let out = be.download_async(&self.unet.forward(&x, &[t])?).await?;
             check_output("the UNet", &out)?;
             latents = scheduler.step(&out, i, &latents, p.eta, &mut generator)?;
         }
@@ -161,7 +168,7 @@ impl<B: Backend> SuperResolution<B> {
         report(&mut progress, Stage::Decode, 0, 1)?;
         let decoded = self.vqvae.decode(&be.upload(latents, &[1, c, h, w])?, false)?;
         let d = be.dims(&decoded);
-        let decoded = be.download(&be.permute(&decoded, &[0, 2, 3, 1])?)?;
+        let decoded = be.download_async(&be.permute(&decoded, &[0, 2, 3, 1])?).await?;
         let pixels: Vec<f32> = decoded.iter().map(|v| v.clamp(-1.0, 1.0) / 2.0 + 0.5).collect();
         check_output("the decoder", &pixels)?;
         report(&mut progress, Stage::Decode, 1, 1)?;

@@ -14,7 +14,7 @@ use crate::models::unet_2d_condition::UNet2DConditionModel;
 use crate::models::vq_model::VQModel;
 use crate::loading::folder::ComponentClass;
 use crate::pipelines::memory;
-use crate::pipelines::{check_finite, check_prompt, check_output, component, load_model, report, Images, ProgressFn, SchedulerSource, Stage};
+use crate::pipelines::{check_finite, check_prompt, check_output, component, load_model, report, Images, Pause, ProgressFn, SchedulerSource, Stage};
 use crate::rng::TorchGenerator;
 use crate::tokenizer::BertTokenizer;
 use crate::{Error, Result};
@@ -230,7 +230,13 @@ impl<B: Backend> TextToImage<B> {
     }
 
     /// Runs the pipeline: returns `(batch, height, width, 3)` pixels in [0, 1].
-    pub fn generate(&self, p: &Txt2ImgParams, mut progress: Option<ProgressFn<'_>>) -> Result<Images> {
+    pub fn generate(&self, p: &Txt2ImgParams, progress: Option<ProgressFn<'_>>) -> Result<Images> {
+        crate::executor::block_on(self.generate_async(p, progress, None))
+    }
+
+    /// The asynchronous form of [`TextToImage::generate`]: tensors are read back with
+    /// `download_async`, and `pause` is awaited before each model call.
+    pub async fn generate_async(&self, p: &Txt2ImgParams, mut progress: Option<ProgressFn<'_>>, pause: Option<Pause<'_>>) -> Result<Images> {
         let be = &self.be;
         let (height, width) = self.check(p)?;
         let mut scheduler = self.scheduler.build(p.scheduler.as_deref())?;
@@ -271,6 +277,7 @@ impl<B: Backend> TextToImage<B> {
         let total = scheduler.timesteps().len();
         for i in 0..total {
             report(&mut progress, Stage::Denoise, i, total)?;
+            crate::pipelines::pause(pause).await;
             let t = scheduler.timesteps()[i];
             let input = scheduler.scale_model_input(&latents, i);
             let mut model_in = Vec::with_capacity(if guided { 2 * n } else { n });
@@ -280,7 +287,7 @@ impl<B: Backend> TextToImage<B> {
             model_in.extend_from_slice(&input);
             let rows = if guided { 2 * batch } else { batch };
             let x = be.upload(model_in, &[rows, shape[1], shape[2], shape[3]])?;
-            let out = be.download(&self.unet.forward(&x, &[t], &context)?)?;
+            let out = be.download_async(&self.unet.forward(&x, &[t], &context)?).await?;
             let noise_pred = if guided {
                 let (uncond, text) = out.split_at(n);
                 uncond.iter().zip(text).map(|(u, t)| u + p.guidance * (t - u)).collect()
@@ -297,7 +304,7 @@ impl<B: Backend> TextToImage<B> {
         latents.iter_mut().for_each(|v| *v *= inv);
         let image = self.vae.decode(&be.upload(latents, &shape)?)?;
         let d = be.dims(&image);
-        let image = be.download(&be.permute(&image, &[0, 2, 3, 1])?)?;
+        let image = be.download_async(&be.permute(&image, &[0, 2, 3, 1])?).await?;
         let pixels: Vec<f32> = image.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
         check_output("the decoder", &pixels)?;
         report(&mut progress, Stage::Decode, 1, 1)?;

@@ -176,27 +176,6 @@ fn bytes_for(len: usize, f16: bool) -> u64 {
     b.max(4) as u64
 }
 
-/// Runs a future to completion on this thread (native only: the futures of wgpu resolve when the
-/// device is polled, which the callers do before waiting).
-#[cfg(not(target_arch = "wasm32"))]
-fn block_on<F: Future>(f: F) -> F::Output {
-    struct ThreadWaker(std::thread::Thread);
-    impl std::task::Wake for ThreadWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker: Waker = Arc::new(ThreadWaker(std::thread::current())).into();
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        match f.as_mut().poll(&mut cx) {
-            Poll::Ready(v) => return v,
-            Poll::Pending => std::thread::park_timeout(std::time::Duration::from_millis(1)),
-        }
-    }
-}
-
 impl Gpu {
     /// Opens the default adapter with the default options (see [`Gpu::new_with`]).
     #[cfg(not(target_arch = "wasm32"))]
@@ -208,7 +187,7 @@ impl Gpu {
     /// [`Gpu::new_async`]). Fails with [`NO_ADAPTER_HELP`] when there is none.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn new_with(options: GpuOptions) -> Result<Self> {
-        block_on(Self::new_async(options))
+        crate::executor::block_on(Self::new_async(options))
     }
 
     /// Opens an adapter: the asynchronous form, as the browser requires.
@@ -302,7 +281,7 @@ impl Gpu {
 
     /// Reads a tensor back: the asynchronous form, for the browser. Natively it waits on the
     /// device itself, so it also completes under any executor.
-    pub async fn download_async(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+    pub async fn read_async(&self, t: &GpuTensor) -> Result<Vec<f32>> {
         let t = self.to_f32(t)?;
         let mut staging = Vec::with_capacity(t.st.chunks.len());
         for c in &t.st.chunks {

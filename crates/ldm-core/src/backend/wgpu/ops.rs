@@ -775,14 +775,13 @@ impl Backend for Gpu {
         self.upload_as(&data, shape, self.ctx.f16_weights && shape.len() >= 2)
     }
 
-    #[cfg(not(target_arch = "wasm32"))]
+    /// Natively this waits for the GPU; in the browser it fails: use `download_async` there.
     fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        super::block_on(self.download_async(t))
+        crate::executor::block_on(self.read_async(t))
     }
 
-    #[cfg(target_arch = "wasm32")]
-    fn download(&self, _t: &GpuTensor) -> Result<Vec<f32>> {
-        Err(Error::Backend("in the browser, read GPU tensors with Gpu::download_async".into()))
+    fn download_async(&self, t: &GpuTensor) -> impl std::future::Future<Output = Result<Vec<f32>>> {
+        self.read_async(t)
     }
 
     fn reshape(&self, t: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
