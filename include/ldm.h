@@ -127,7 +127,8 @@ typedef enum LdmDevice {
      */
     LDM_DEVICE_CPU = 0,
     /**
-     * A GPU through Vulkan, Metal or DX12. Reserved: this version returns LDM_ERR_UNSUPPORTED.
+     * A GPU through Vulkan, Metal or DX12 (on Linux without a GPU, Mesa's lavapipe). Where
+     * there is no usable adapter, loading returns LDM_ERR_UNSUPPORTED with the reason.
      */
     LDM_DEVICE_GPU = 1,
 } LdmDevice;

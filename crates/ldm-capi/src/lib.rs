@@ -14,11 +14,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::ptr;
 
-use ldm_core::backend::cpu::Cpu;
 use ldm_core::loading::{resolve_model_with, HubOptions};
 use ldm_core::pipelines::superres::MAX_INPUT_SIDE;
 use ldm_core::pipelines::txt2img::MAX_PROMPTS;
-use ldm_core::pipelines::{Images, Pipeline, Progress, Stage, SuperResParams, Txt2ImgParams};
+use ldm_core::pipelines::{AnyPipeline, Device, Images, Progress, Stage, SuperResParams, Txt2ImgParams};
 use ldm_core::threads::Threads;
 use ldm_core::{Error, ErrorKind};
 
@@ -56,7 +55,8 @@ pub enum LdmStatus {
 pub enum LdmDevice {
     /// The CPU (every build).
     LDM_DEVICE_CPU = 0,
-    /// A GPU through Vulkan, Metal or DX12. Reserved: this version returns LDM_ERR_UNSUPPORTED.
+    /// A GPU through Vulkan, Metal or DX12 (on Linux without a GPU, Mesa's lavapipe). Where
+    /// there is no usable adapter, loading returns LDM_ERR_UNSUPPORTED with the reason.
     LDM_DEVICE_GPU = 1,
 }
 
@@ -74,7 +74,7 @@ pub enum LdmPipelineKind {
 
 /// A loaded model, made by ldm_pipeline_load() and released by ldm_pipeline_free(). Opaque.
 pub struct LdmPipeline {
-    pipeline: Pipeline<Cpu>,
+    pipeline: AnyPipeline,
     threads: Threads,
 }
 
@@ -476,17 +476,11 @@ pub unsafe extern "C" fn ldm_pipeline_load(
         } else {
             read_struct(options, "options", "LdmLoadOptions", "ldm_load_options_default")?
         };
-        match options.device {
-            d if d == LdmDevice::LDM_DEVICE_CPU as u32 => {}
-            d if d == LdmDevice::LDM_DEVICE_GPU as u32 => {
-                let version = VERSION.trim_end_matches('\0');
-                return Err(Failure {
-                    status: LdmStatus::LDM_ERR_UNSUPPORTED,
-                    message: format!("options->device is LDM_DEVICE_GPU, but libldm {version} has no GPU backend; use LDM_DEVICE_CPU"),
-                });
-            }
+        let device = match options.device {
+            d if d == LdmDevice::LDM_DEVICE_CPU as u32 => Device::Cpu,
+            d if d == LdmDevice::LDM_DEVICE_GPU as u32 => Device::Gpu,
             d => return Err(invalid(format!("options->device is {d}, not an LdmDevice (LDM_DEVICE_CPU = 0, LDM_DEVICE_GPU = 1)"))),
-        }
+        };
         let threads = Threads::new(options.threads as usize).map_err(|e| match e {
             Error::InvalidArgument(m) => invalid(format!("options->{m}")),
             e => e.into(),
@@ -499,7 +493,13 @@ pub unsafe extern "C" fn ldm_pipeline_load(
             hub.allow_download = false;
         }
         let dir = resolve_model_with(model, &hub)?;
-        let pipeline = Pipeline::load_folder(&dir, &Cpu)?;
+        let pipeline = AnyPipeline::load_folder(&dir, device).map_err(|e| match e {
+            Error::Unsupported(m) => Failure {
+                status: LdmStatus::LDM_ERR_UNSUPPORTED,
+                message: format!("options->device is LDM_DEVICE_GPU, but {m}; use LDM_DEVICE_CPU"),
+            },
+            e => e.into(),
+        })?;
         *out = Box::into_raw(Box::new(LdmPipeline { pipeline, threads }));
         Ok(())
     })
@@ -517,10 +517,10 @@ pub unsafe extern "C" fn ldm_pipeline_free(pipeline: *mut LdmPipeline) {
 /// NULL).
 #[no_mangle]
 pub unsafe extern "C" fn ldm_pipeline_kind(pipeline: *const LdmPipeline) -> LdmPipelineKind {
-    match pipeline.as_ref().map(|p| &p.pipeline) {
+    match pipeline.as_ref().map(|p| p.pipeline.kind()) {
         None => LdmPipelineKind::LDM_PIPELINE_NONE,
-        Some(Pipeline::TextToImage(_)) => LdmPipelineKind::LDM_PIPELINE_TXT2IMG,
-        Some(Pipeline::SuperResolution(_)) => LdmPipelineKind::LDM_PIPELINE_SUPERRES,
+        Some("txt2img") => LdmPipelineKind::LDM_PIPELINE_TXT2IMG,
+        Some(_) => LdmPipelineKind::LDM_PIPELINE_SUPERRES,
     }
 }
 
@@ -606,8 +606,7 @@ pub unsafe extern "C" fn ldm_txt2img(
             if c.latent_count != 0 {
                 return Err(invalid(format!("params->latent_count is {} but params->latents is NULL", c.latent_count)));
             }
-        } else if let Pipeline::TextToImage(model) = &p.pipeline {
-            let shape = model.latent_shape(&params)?;
+        } else if let Some(shape) = p.pipeline.latent_shape(&params)? {
             let n: usize = shape.iter().product();
             if c.latent_count != n {
                 return Err(invalid(format!(

@@ -48,6 +48,26 @@ fn case_args(case: &Value, out: &Path, scratch: &Path) -> Vec<String> {
     a
 }
 
+/// LDM_DEVICE_GPU: some shared cases on the GPU backend (lavapipe where there is no GPU), within
+/// the GPU bound of 1e-3.
+#[test]
+fn shared_cases_match_diffusers_on_the_gpu_through_a_c_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(&[c_source("run_case.c")], &dir.path().join("run_case"), false, &[]);
+    for name in ["txt2img-ddim-cfg", "txt2img-euler-a", "superres-resize"] {
+        let path = root().join("tests/cases").join(format!("{name}.json"));
+        let case: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let out = dir.path().join(format!("{name}.f32"));
+        let mut args = case_args(&case, &out, dir.path());
+        args.extend(["--device".to_string(), "gpu".to_string()]);
+        ok(&run(&exe, &args), name);
+        let (_, expected) = read_npy(&root().join("tests/cases").join(case["expected"].as_str().unwrap()));
+        let err = max_abs_diff(&read_f32(&out), &expected);
+        eprintln!("{name}: max abs error {err:.3e} through C on the GPU (bound 1e-3)");
+        assert!(err <= 1e-3, "{name} on the GPU: max abs error {err:e} exceeds 1e-3");
+    }
+}
+
 #[test]
 fn every_shared_case_matches_diffusers_through_a_c_program() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,8 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use ldm_core::backend::cpu::Cpu;
-use ldm_core::pipelines::{Pipeline, Progress, Stage, SuperResParams, Txt2ImgParams};
+use ldm_core::pipelines::{AnyPipeline, Device, Progress, Stage, SuperResParams, Txt2ImgParams};
 use ldm_core::{Error, Result};
 
 use crate::output;
@@ -37,6 +36,10 @@ pub struct Common {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Where to compute: cpu, or gpu (the GPU backend: Vulkan, Metal or DX12 through wgpu; on
+    /// a Linux machine without a GPU, Mesa's software driver lavapipe).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 /// `ldm txt2img`: images from text prompts.
@@ -121,10 +124,11 @@ fn model_spec(common: &Common, shipped: Shipped) -> Result<String> {
     Ok(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string())
 }
 
-fn load(common: &Common, model: &str) -> Result<Pipeline<Cpu>> {
+fn load(common: &Common, model: &str) -> Result<AnyPipeline> {
+    let device = Device::parse(&common.device)?;
     output::check_target(&common.output)?;
     let dir = crate::resolve_model(model)?;
-    Pipeline::load_folder(&dir, &Cpu)
+    AnyPipeline::load_folder(&dir, device)
 }
 
 pub fn txt2img(a: &Txt2ImgArgs) -> Result<()> {

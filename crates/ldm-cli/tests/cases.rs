@@ -88,6 +88,35 @@ fn every_shared_case_matches_diffusers_through_the_ldm_command() {
     }
 }
 
+/// `--device gpu`: some shared cases on the GPU backend (lavapipe where there is no GPU), within
+/// the GPU bound of 1e-3; an unknown device is refused by name.
+#[test]
+fn shared_cases_match_diffusers_with_device_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["txt2img-ddim-cfg", "txt2img-dpmpp", "superres-ddim"] {
+        let case: Value =
+            serde_json::from_str(&std::fs::read_to_string(root().join("tests/cases").join(format!("{name}.json"))).unwrap()).unwrap();
+        let out = dir.path().join(format!("{name}.npy"));
+        let mut args = case_args(&case, &out);
+        args.extend(["--device".to_string(), "gpu".to_string()]);
+        let o = ldm(&args);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let (_, ours) = read_npy(&out);
+        let (_, expected) = read_npy(&root().join("tests/cases").join(case["expected"].as_str().unwrap()));
+        let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{name}: max abs error {err:.3e} on the GPU (bound 1e-3)");
+        assert!(err <= 1e-3, "{name} on the GPU: max abs error {err:e}");
+    }
+    let case: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/cases/txt2img-ddim-cfg.json")).unwrap()).unwrap();
+    let out = dir.path().join("tpu.npy");
+    let mut args = case_args(&case, &out);
+    args.extend(["--device".to_string(), "tpu".to_string()]);
+    let o = ldm(&args);
+    assert_eq!(o.status.code(), Some(2), "an unknown device is an invalid argument");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown device `tpu`"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.exists());
+}
+
 #[test]
 fn png_output_carries_the_parameters_and_a_batch_writes_one_file_per_image() {
     let dir = tempfile::tempdir().unwrap();

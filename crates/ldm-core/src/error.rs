@@ -51,6 +51,10 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// Something this build or machine cannot do (e.g. a GPU where there is none).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
     #[error("backend error: {0}")]
     Backend(String),
 
@@ -153,7 +157,7 @@ impl Error {
             | Error::BadWeights { .. }
             | Error::Tokenizer { .. }
             | Error::NonFinite { .. } => ErrorKind::BadModel,
-            Error::UnknownClass { .. } | Error::UnsupportedDtype { .. } => ErrorKind::Unsupported,
+            Error::UnknownClass { .. } | Error::UnsupportedDtype { .. } | Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::InvalidArgument(_) | Error::Image { .. } => ErrorKind::InvalidArgument,
             Error::OutOfMemory { .. } => ErrorKind::OutOfMemory,
             Error::Cancelled => ErrorKind::Cancelled,

@@ -54,6 +54,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--height")) t.height = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(k, "--width")) t.width = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(k, "--threads")) options.threads = (uint32_t)strtoul(v, NULL, 10);
+        else if (!strcmp(k, "--device")) options.device = strcmp(v, "gpu") ? LDM_DEVICE_CPU : LDM_DEVICE_GPU;
         else if (!strcmp(k, "--latents")) {
             size_t len;
             latents = read_file(v, &len);

@@ -4,6 +4,7 @@
 //! super-resolution pipeline according to its `model_index.json`; the front ends call
 //! [`Pipeline::txt2img`] or [`Pipeline::superres`] on it.
 
+pub mod device;
 pub mod memory;
 pub mod superres;
 pub mod txt2img;
@@ -17,6 +18,7 @@ use crate::nn::Weights;
 use crate::schedulers::{self, Scheduler};
 use crate::{Error, Result};
 
+pub use device::{AnyPipeline, Device};
 pub use superres::{SuperResParams, SuperResolution};
 pub use txt2img::{TextToImage, Txt2ImgParams};
 
