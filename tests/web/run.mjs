@@ -74,6 +74,58 @@ function damaged(name, change) {
   return `/scratch/${name}/`;
 }
 const unetWeights = (d) => path.join(d, "unet/diffusion_pytorch_model.safetensors");
+const bertWeights = (d) => path.join(d, "bert/pytorch_model.bin");
+
+// Rewrites a safetensors file: `change(header, data)` edits the parsed header (and may return
+// new data bytes).
+function editSafetensors(file, change) {
+  const b = fs.readFileSync(file);
+  const n = Number(b.readBigUInt64LE(0));
+  const header = JSON.parse(b.subarray(8, 8 + n).toString("utf8"));
+  const data = change(header, b.subarray(8 + n)) || b.subarray(8 + n);
+  const json = Buffer.from(JSON.stringify(header), "utf8");
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  fs.writeFileSync(file, Buffer.concat([len, json, data]));
+}
+
+// A zip archive of stored (uncompressed) entries, as torch.save writes: enough to hand the
+// .bin reader a pickle of our choosing.
+function storedZip(entries) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc32 = (buf) => { let c = 0xffffffff; for (const x of buf) c = crcTable[(c ^ x) & 0xff] ^ (c >>> 8); return (c ^ 0xffffffff) >>> 0; };
+  const locals = [], centrals = [];
+  let offset = 0;
+  for (const [name, data] of entries) {
+    const nb = Buffer.from(name), crc = crc32(data);
+    const local = Buffer.alloc(30);
+    local.writeUInt32LE(0x04034b50, 0); local.writeUInt16LE(20, 4); local.writeUInt32LE(crc, 14);
+    local.writeUInt32LE(data.length, 18); local.writeUInt32LE(data.length, 22); local.writeUInt16LE(nb.length, 26);
+    const central = Buffer.alloc(46);
+    central.writeUInt32LE(0x02014b50, 0); central.writeUInt16LE(20, 4); central.writeUInt16LE(20, 6); central.writeUInt32LE(crc, 16);
+    central.writeUInt32LE(data.length, 20); central.writeUInt32LE(data.length, 24); central.writeUInt16LE(nb.length, 28);
+    central.writeUInt32LE(offset, 42);
+    locals.push(local, nb, data);
+    centrals.push(central, nb);
+    offset += 30 + nb.length + data.length;
+  }
+  const cd = Buffer.concat(centrals);
+  const end = Buffer.alloc(22);
+  end.writeUInt32LE(0x06054b50, 0); end.writeUInt16LE(entries.length, 8); end.writeUInt16LE(entries.length, 10);
+  end.writeUInt32LE(cd.length, 12); end.writeUInt32LE(offset, 16);
+  return Buffer.concat([...locals, cd, end]);
+}
+const evilPickle = fs.readFileSync(path.join(repo, "crates/ldm-fuzz/corpus/pickle/evil.pkl"));
+const editConfig = (d, file, change) => {
+  const f = path.join(d, file);
+  const c = JSON.parse(fs.readFileSync(f, "utf8"));
+  change(c);
+  fs.writeFileSync(f, JSON.stringify(c));
+};
 const hostileModels = {
   truncated: damaged("truncated", (d) => { const b = fs.readFileSync(unetWeights(d)); fs.writeFileSync(unetWeights(d), b.subarray(0, b.length >> 1)); }),
   notJson: damaged("not-json", (d) => fs.writeFileSync(path.join(d, "unet/config.json"), "{ this is not json")),
@@ -85,6 +137,31 @@ const hostileModels = {
     fs.writeFileSync(f, JSON.stringify(c));
   }),
   headerTooLong: damaged("header-too-long", (d) => { const b = fs.readFileSync(unetWeights(d)); b.writeBigUInt64LE(BigInt(b.length) * 4n, 0); fs.writeFileSync(unetWeights(d), b); }),
+  pickleExploit: damaged("pickle-exploit", (d) => fs.writeFileSync(bertWeights(d), storedZip([["archive/data.pkl", evilPickle], ["archive/version", Buffer.from("3\n")]]))),
+  truncatedBin: damaged("truncated-bin", (d) => { const b = fs.readFileSync(bertWeights(d)); fs.writeFileSync(bertWeights(d), b.subarray(0, b.length >> 1)); }),
+  int32: damaged("int32", (d) => editSafetensors(unetWeights(d), (h) => { h["conv_in.bias"].dtype = "I32"; })),
+  extraTensor: damaged("extra-tensor", (d) => editSafetensors(unetWeights(d), (h, data) => {
+    h["surplus.weight"] = { dtype: "F32", shape: [1], data_offsets: [data.length, data.length + 4] };
+    return Buffer.concat([data, Buffer.alloc(4)]);
+  })),
+  missingTensor: damaged("missing-tensor", (d) => editSafetensors(unetWeights(d), (h) => {
+    // drop the entry of the last tensor in the file (its bytes stay, unclaimed)
+    const [name] = Object.entries(h).filter(([k]) => k !== "__metadata__").sort((a, b) => b[1].data_offsets[0] - a[1].data_offsets[0])[0];
+    delete h[name];
+  })),
+  overlapping: damaged("overlapping", (d) => editSafetensors(unetWeights(d), (h) => {
+    const t = Object.entries(h).filter(([k, v]) => k !== "__metadata__");
+    const [a, b] = t.filter(([, v]) => v.shape.length === 1 && v.data_offsets[1] - v.data_offsets[0] === t[0][1].data_offsets[1] - t[0][1].data_offsets[0]);
+    b[1].data_offsets = [...a[1].data_offsets];
+  })),
+  nanWeights: damaged("nan-weights", (d) => editSafetensors(unetWeights(d), (h, data) => {
+    const copy = Buffer.from(data);
+    copy.writeFloatLE(NaN, h["conv_in.bias"].data_offsets[0]);
+    return copy;
+  })),
+  wrongType: damaged("wrong-type", (d) => editConfig(d, "unet/config.json", (c) => { c.layers_per_block = "two"; })),
+  absurdChannels: damaged("absurd-channels", (d) => editConfig(d, "unet/config.json", (c) => { c.block_out_channels = [1e9, 1e9, 1e9].slice(0, c.block_out_channels.length); })),
+  millionLayers: damaged("million-layers", (d) => editConfig(d, "unet/config.json", (c) => { c.layers_per_block = 1000000; })),
   badClass: damaged("bad-class", (d) => {
     const f = path.join(d, "model_index.json");
     const c = JSON.parse(fs.readFileSync(f, "utf8"));
@@ -240,7 +317,17 @@ test("damaged model folders are refused with a named error", async () => {
     [hostileModels.notJson, "config.json that is not JSON", "bad-model", /config\.json/],
     [hostileModels.noVae, "missing component folder", "not-found", /vqvae/],
     [hostileModels.wrongShape, "weights whose shapes disagree with the config", "bad-model", /shape/],
-    [hostileModels.badClass, "unknown component class", null, /UNet3DConditionModel/],
+    [hostileModels.badClass, "unknown component class", "unsupported", /UNet3DConditionModel/],
+    [hostileModels.pickleExploit, "a pickle calling posix.system", null, /posix|system|not allowed|refus/],
+    [hostileModels.truncatedBin, "truncated PyTorch .bin (zip)", "bad-model", /pytorch_model\.bin/],
+    [hostileModels.int32, "tensor of an unsupported dtype", "unsupported", /I32/],
+    [hostileModels.extraTensor, "an extra tensor", "bad-model", /surplus\.weight/],
+    [hostileModels.missingTensor, "a missing tensor", null, /missing|tensor/],
+    [hostileModels.overlapping, "overlapping data offsets", "bad-model", /overlap/],
+    [hostileModels.nanWeights, "weights holding NaN", "bad-model", /non-finite|NaN/],
+    [hostileModels.wrongType, "config field of the wrong type", "bad-model", /layers_per_block/],
+    [hostileModels.absurdChannels, "channels of 10^9", null, /block_out_channels|1000000000/],
+    [hostileModels.millionLayers, "10^6 layers", null, /layers_per_block|1000000/],
   ];
   const rows = [];
   for (const [url, what, name, re] of expectations) {
