@@ -26,7 +26,7 @@ profile=${LDM_WEB_PROFILE:-release}
 dir=$([[ $profile == dev ]] && echo debug || echo "$profile")
 # (.cargo/config.toml sets the wasm32 flags.)
 cargo build -p ldm-wasm --lib --target wasm32-unknown-unknown --profile "$profile" --locked
-wasm-bindgen --target web --out-dir web/pkg "target/wasm32-unknown-unknown/$dir/ldm_wasm.wasm"
+wasm-bindgen --target web --out-dir web/pkg "${CARGO_TARGET_DIR:-target}/wasm32-unknown-unknown/$dir/ldm_wasm.wasm"
 
 # The demo page opens on the shipped models.
 rm -rf web/models

@@ -499,9 +499,10 @@ def main() -> None:
     fixtures = root / "tests" / "fixtures"
     out = root / "tests" / "cases"
     out.mkdir(parents=True, exist_ok=True)
-    # The script owns tests/cases/ except its README.md.
+    # The script owns tests/cases/ except its README.md and the shipped-model cases
+    # (make_shipped_cases.py).
     for f in out.iterdir():
-        if f.is_file() and f.name != "README.md":
+        if f.is_file() and f.name != "README.md" and not f.name.startswith("shipped-"):
             f.unlink()
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, numpy {np.__version__}, "

@@ -8,6 +8,8 @@
 //! - the install script, pkg-config and the two examples of bindings/.
 
 mod common;
+#[path = "../../ldm-core/tests/shipped/measure.rs"]
+mod measure;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -227,7 +229,8 @@ fn the_installed_library_builds_the_examples_with_pkg_config() {
     let version = Command::new("pkg-config").args(["--modversion", "ldm"]).env("PKG_CONFIG_PATH", &pc_path).output().unwrap();
     assert_eq!(ok(&version, "pkg-config --modversion ldm").trim(), env!("CARGO_PKG_VERSION"));
 
-    let model = root().join("tests/fixtures/txt2img-tiny");
+    // The examples as the README shows them: on the shipped model, which draws the prompt.
+    let model = root().join("models/ldm-shapes");
     for (source, compiler, std) in [("bindings/c/example.c", "cc", "-std=c11"), ("bindings/cpp/example.cpp", "c++", "-std=c++17")] {
         let exe = dir.path().join(if compiler == "cc" { "example-c" } else { "example-cpp" });
         // Exactly what a user types: cc app.c $(pkg-config --cflags --libs ldm).
@@ -240,7 +243,7 @@ fn the_installed_library_builds_the_examples_with_pkg_config() {
         ok(&o, &script);
         let png = dir.path().join(format!("{}.png", exe.file_name().unwrap().to_str().unwrap()));
         let o = Command::new(&exe)
-            .args([model.display().to_string(), "a red circle".into(), png.display().to_string(), "3".into()])
+            .args([model.display().to_string(), "a red circle".into(), png.display().to_string(), "20".into()])
             .env("LD_LIBRARY_PATH", prefix.join("lib"))
             .env("DYLD_LIBRARY_PATH", prefix.join("lib"))
             .env("HF_HUB_OFFLINE", "1")
@@ -252,6 +255,11 @@ fn the_installed_library_builds_the_examples_with_pkg_config() {
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", png.display());
         assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 64, "PNG width");
+        let (px, w, h) = ldm_core::image::decode_image(&bytes, source).unwrap();
+        let a = measure::analyse(&px, w as usize, h as usize);
+        let e = measure::Expect { colour: measure::colour_index("red"), shape: "circle", background: None };
+        let s = measure::score(&a, &e);
+        assert!(s.colour_ok, "{source}: \"a red circle\" drew {:?} on {}", a.foreground, measure::PALETTE[a.background].0);
     }
     // The same run from C and from C++ gives the same file.
     let c = std::fs::read(dir.path().join("example-c.png")).unwrap();

@@ -40,6 +40,9 @@ pub struct Common {
     /// a Linux machine without a GPU, Mesa's software driver lavapipe).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: String,
+    /// CPU threads for this run; 0 (the default) uses every core.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// `ldm txt2img`: images from text prompts.
@@ -153,8 +156,9 @@ pub fn txt2img(a: &Txt2ImgArgs) -> Result<()> {
         width: a.width,
         latents,
     };
+    let threads = ldm_core::threads::Threads::new(c.threads)?;
     let mut bar = ProgressBar::new(c.quiet);
-    let images = pipeline.txt2img(&params, Some(&mut |p| bar.update(p) && !crate::interrupt::requested()))?;
+    let images = threads.run(|| pipeline.txt2img(&params, Some(&mut |p| bar.update(p) && !crate::interrupt::requested())))?;
     bar.finish();
     let meta = |i: usize| {
         vec![
@@ -185,8 +189,9 @@ pub fn superres(a: &SuperResArgs) -> Result<()> {
         seed: c.seed,
         scheduler: c.scheduler.clone(),
     };
+    let threads = ldm_core::threads::Threads::new(c.threads)?;
     let mut bar = ProgressBar::new(c.quiet);
-    let images = pipeline.superres(&params, Some(&mut |p| bar.update(p) && !crate::interrupt::requested()))?;
+    let images = threads.run(|| pipeline.superres(&params, Some(&mut |p| bar.update(p) && !crate::interrupt::requested())))?;
     bar.finish();
     let meta = |_| {
         vec![

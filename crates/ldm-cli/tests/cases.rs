@@ -117,6 +117,31 @@ fn shared_cases_match_diffusers_with_device_gpu() {
     assert!(!out.exists());
 }
 
+/// `--threads N` gives the same numbers as the default pools; an absurd count is refused by name.
+#[test]
+fn threads_do_not_change_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let case: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/cases/txt2img-ddim-cfg.json")).unwrap()).unwrap();
+    let mut outs = Vec::new();
+    for threads in ["0", "1", "3"] {
+        let out = dir.path().join(format!("t{threads}.npy"));
+        let mut args = case_args(&case, &out);
+        args.extend(["--threads".to_string(), threads.to_string()]);
+        let o = ldm(&args);
+        assert!(o.status.success(), "--threads {threads}: {}", String::from_utf8_lossy(&o.stderr));
+        outs.push(read_npy(&out).1);
+    }
+    assert_eq!(outs[0], outs[1], "--threads 1 differs from the default");
+    assert_eq!(outs[0], outs[2], "--threads 3 differs from the default");
+    let out = dir.path().join("many.npy");
+    let mut args = case_args(&case, &out);
+    args.extend(["--threads".to_string(), "100000".to_string()]);
+    let o = ldm(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("threads 100000"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.exists());
+}
+
 #[test]
 fn png_output_carries_the_parameters_and_a_batch_writes_one_file_per_image() {
     let dir = tempfile::tempdir().unwrap();

@@ -62,7 +62,7 @@ impl AnyPipeline {
     pub fn load_folder(dir: &Path, device: Device) -> Result<Self> {
         match device {
             Device::Cpu => Ok(AnyPipeline::Cpu(Pipeline::load_folder(dir, &Cpu)?)),
-            #[cfg(feature = "webgpu")]
+            #[cfg(all(feature = "webgpu", not(target_arch = "wasm32")))]
             Device::Gpu => {
                 let gpu = Gpu::new().map_err(|e| match e {
                     Error::Backend(m) => Error::Unsupported(format!("the GPU backend cannot start: {m}")),
@@ -70,6 +70,10 @@ impl AnyPipeline {
                 })?;
                 Ok(AnyPipeline::Gpu(Pipeline::load_folder(dir, &gpu)?))
             }
+            #[cfg(all(feature = "webgpu", target_arch = "wasm32"))]
+            Device::Gpu => Err(Error::Unsupported(
+                "in the browser the GPU is opened asynchronously: load with ldm-wasm's LdmPipeline".into(),
+            )),
             #[cfg(not(feature = "webgpu"))]
             Device::Gpu => Err(Error::Unsupported(
                 "this build has no GPU backend (ldm-core feature `webgpu`); use the CPU".into(),
