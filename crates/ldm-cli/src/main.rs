@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod generate;
 mod info;
 mod interrupt;
@@ -48,6 +49,8 @@ enum Command {
     Superres(generate::SuperResArgs),
     /// Show a model's components: classes, key settings, weight files and parameter counts.
     Info(info::InfoArgs),
+    /// Time a model call or a whole run on a model folder, printing JSON (see bench/README.md).
+    Bench(bench::BenchArgs),
 }
 
 fn run(cli: Cli) -> ldm_core::Result<()> {
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> ldm_core::Result<()> {
         Command::Txt2img(args) => generate::txt2img(&args),
         Command::Superres(args) => generate::superres(&args),
         Command::Info(args) => info::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Everything that computes lives here; the front ends (`ldm` CLI, C ABI, wasm) only translate.
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod executor;
 pub mod image;

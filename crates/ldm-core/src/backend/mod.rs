@@ -21,6 +21,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// A short name ("cpu", "webgpu"), for messages.
     fn name(&self) -> &'static str;
 
+    /// How this backend holds convolution and attention work buffers, for the memory estimates
+    /// that refuse runs too large for the machine.
+    fn transients(&self) -> crate::pipelines::memory::Transients {
+        crate::pipelines::memory::Transients::Full
+    }
+
     fn dims(&self, t: &Self::Tensor) -> Vec<usize>;
     fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor>;
     /// Uploads a model weight. A backend may store it differently from activations (the GPU
@@ -94,5 +100,29 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let scores = self.affine(&self.matmul(q, &kt)?, scale, 0.0)?;
         let probs = self.softmax_last(&scores)?;
         self.matmul(&probs, v)
+    }
+
+    /// [`Backend::attention`] on sequences `(B, L, heads * D)` with the heads side by side (as
+    /// the projections give them); the result is laid out the same way. The default splits and
+    /// merges the heads around `attention`.
+    fn attention_heads(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, heads: usize, scale: f32) -> Result<Self::Tensor> {
+        let split = |x: &Self::Tensor| crate::nn::split_heads(self, x, heads);
+        let o = self.attention(&split(q)?, &split(k)?, &split(v)?, scale)?;
+        crate::nn::merge_heads(self, &o)
+    }
+
+    /// `group_norm` followed by SiLU, as every resnet and decoder output applies them.
+    fn group_norm_silu(&self, x: &Self::Tensor, groups: usize, gamma: &Self::Tensor, beta: &Self::Tensor, eps: f64) -> Result<Self::Tensor> {
+        self.silu(&self.group_norm(x, groups, gamma, beta, eps)?)
+    }
+
+    /// GEGLU over the last dimension `2 * n`: `hidden * gelu(gate)` of its two halves, `(..., n)`.
+    fn geglu(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
+        let d = self.dims(t);
+        let last = d.len() - 1;
+        let n = d[last] / 2;
+        let hidden = self.narrow(t, last, 0, n)?;
+        let gate = self.narrow(t, last, n, n)?;
+        self.mul(&hidden, &self.gelu(&gate)?)
     }
 }

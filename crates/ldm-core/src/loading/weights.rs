@@ -75,6 +75,26 @@ impl Bytes {
         };
         Ok(whole[start..end].into())
     }
+
+    /// Drops the mapped pages of a range that has been read (converted into a tensor of its own),
+    /// so that a loaded model holds its weights once, not once converted and again in the page
+    /// mapping: the resident memory of a load is then the weights, not twice them.
+    fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let Bytes::Map(m) = self {
+            const PAGE: usize = 4096;
+            let lo = start / PAGE * PAGE;
+            let hi = end.div_ceil(PAGE).saturating_mul(PAGE).min(m.len());
+            if hi > lo {
+                // SAFETY: the mapping is shared and read-only, so MADV_DONTNEED only drops page
+                // table entries: a later read faults the same file bytes back in. No borrow of
+                // the mapping is alive here (the range was copied out by the caller).
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
+    }
 }
 
 /// Bits per element of the safetensors dtypes (sub-byte float formats included).
@@ -262,8 +282,12 @@ impl TensorSource for SafetensorsFile {
             file: self.path.display().to_string(),
             name: name.to_string(),
         })?;
-        let bytes = self.bytes.range(self.data_start + s, self.data_start + e).map_err(|e| Error::io(&self.path, e))?;
-        to_f32(&bytes, &meta.dtype, &self.path, name)
+        let (start, end) = (self.data_start + s, self.data_start + e);
+        let bytes = self.bytes.range(start, end).map_err(|e| Error::io(&self.path, e))?;
+        let out = to_f32(&bytes, &meta.dtype, &self.path, name);
+        drop(bytes);
+        self.bytes.release(start, end);
+        out
     }
     fn location(&self, _name: Option<&str>) -> String {
         self.path.display().to_string()

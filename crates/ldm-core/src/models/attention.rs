@@ -2,7 +2,7 @@
 //! the spatial self-attention over feature maps of `UNet2DModel` and the autoencoders.
 
 use crate::backend::Backend;
-use crate::nn::{merge_heads, split_heads, GroupNorm, Linear, Weights};
+use crate::nn::{GroupNorm, Linear, Weights};
 use crate::Result;
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0`, on `(B, L, C)` sequences.
@@ -42,11 +42,10 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: &B::Tensor, context: Option<&B::Tensor>) -> Result<B::Tensor> {
         let be = &self.be;
         let ctx = context.unwrap_or(x);
-        let q = split_heads(be, &self.to_q.forward(x)?, self.heads)?;
-        let k = split_heads(be, &self.to_k.forward(ctx)?, self.heads)?;
-        let v = split_heads(be, &self.to_v.forward(ctx)?, self.heads)?;
-        let o = be.attention(&q, &k, &v, self.scale)?;
-        self.to_out.forward(&merge_heads(be, &o)?)
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        self.to_out.forward(&be.attention_heads(&q, &k, &v, self.heads, self.scale)?)
     }
 }
 

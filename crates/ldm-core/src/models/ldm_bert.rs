@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::backend::Backend;
 use crate::models::config::{self, check_size, check_unsupported, MAX_CHANNELS, MAX_LAYERS};
-use crate::nn::{merge_heads, split_heads, LayerNorm, Linear, Weights};
+use crate::nn::{LayerNorm, Linear, Weights};
 use crate::{Error, Result};
 
 /// The keys of `config.json` (transformers' `LDMBertConfig`) that this model reads.
@@ -81,10 +81,10 @@ impl<B: Backend> EncoderLayer<B> {
         let be = &self.be;
         let h = self.self_attn_layer_norm.forward(x)?;
         // LDMBert scales the queries before the product (diffusers does the same).
-        let q = split_heads(be, &be.affine(&self.q_proj.forward(&h)?, self.scale, 0.0)?, self.heads)?;
-        let k = split_heads(be, &self.k_proj.forward(&h)?, self.heads)?;
-        let v = split_heads(be, &self.v_proj.forward(&h)?, self.heads)?;
-        let o = merge_heads(be, &be.attention(&q, &k, &v, 1.0)?)?;
+        let q = be.affine(&self.q_proj.forward(&h)?, self.scale, 0.0)?;
+        let k = self.k_proj.forward(&h)?;
+        let v = self.v_proj.forward(&h)?;
+        let o = be.attention_heads(&q, &k, &v, self.heads, 1.0)?;
         let x = be.add(x, &self.out_proj.forward(&o)?)?;
         let h = self.final_layer_norm.forward(&x)?;
         let h = self.fc2.forward(&be.gelu(&self.fc1.forward(&h)?)?)?;

@@ -12,7 +12,6 @@ struct FeedForward<B: Backend> {
     be: B,
     proj: Linear<B>,
     out: Linear<B>,
-    inner: usize,
 }
 
 impl<B: Backend> FeedForward<B> {
@@ -22,17 +21,12 @@ impl<B: Backend> FeedForward<B> {
             be: w.backend().clone(),
             proj: Linear::load(&w.pp("net.0.proj"), dim, inner * 2, true)?,
             out: Linear::load(&w.pp("net.2"), inner, dim, true)?,
-            inner,
         })
     }
 
     fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
         let be = &self.be;
-        let h = self.proj.forward(x)?;
-        let last = be.dims(&h).len() - 1;
-        let hidden = be.narrow(&h, last, 0, self.inner)?;
-        let gate = be.narrow(&h, last, self.inner, self.inner)?;
-        self.out.forward(&be.mul(&hidden, &be.gelu(&gate)?)?)
+        self.out.forward(&be.geglu(&self.proj.forward(x)?)?)
     }
 }
 

@@ -252,7 +252,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             h = block.forward(&h, Some(&emb), Some(encoder_hidden_states), &mut skips)?;
         }
-        let h = be.silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -69,7 +69,6 @@ struct EncoderBlock<B: Backend> {
 
 /// diffusers `Encoder`: image to latent moments.
 pub struct Encoder<B: Backend> {
-    be: B,
     conv_in: Conv2d<B>,
     blocks: Vec<EncoderBlock<B>>,
     mid: MidBlock<B>,
@@ -92,7 +91,6 @@ impl<B: Backend> Encoder<B> {
             blocks.push(EncoderBlock { resnets, down });
         }
         Ok(Self {
-            be: w.backend().clone(),
             conv_in: Conv2d::load(&w.pp("conv_in"), cin, ch[0], 3, 1, 1)?,
             blocks,
             mid: MidBlock::load(&w.pp("mid_block"), ch[n - 1], cfg.resnet(), cfg.mid())?,
@@ -112,7 +110,7 @@ impl<B: Backend> Encoder<B> {
             }
         }
         h = self.mid.forward(&h, None, None)?;
-        self.conv_out.forward(&self.be.silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -123,7 +121,6 @@ struct DecoderBlock<B: Backend> {
 
 /// diffusers `Decoder`: latents to image.
 pub struct Decoder<B: Backend> {
-    be: B,
     conv_in: Conv2d<B>,
     mid: MidBlock<B>,
     blocks: Vec<DecoderBlock<B>>,
@@ -148,7 +145,6 @@ impl<B: Backend> Decoder<B> {
             blocks.push(DecoderBlock { resnets, up });
         }
         Ok(Self {
-            be: w.backend().clone(),
             conv_in: Conv2d::load(&w.pp("conv_in"), cin, ch[n - 1], 3, 1, 1)?,
             mid: MidBlock::load(&w.pp("mid_block"), ch[n - 1], cfg.resnet(), cfg.mid())?,
             blocks,
@@ -168,6 +164,6 @@ impl<B: Backend> Decoder<B> {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&self.be.silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }

@@ -81,6 +81,11 @@ impl<B: Backend> GroupNorm<B> {
     pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
         self.be.group_norm(x, self.groups, &self.gamma, &self.beta, self.eps)
     }
+
+    /// The norm followed by SiLU.
+    pub fn forward_silu(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.be.group_norm_silu(x, self.groups, &self.gamma, &self.beta, self.eps)
+    }
 }
 
 /// `torch.nn.LayerNorm` over the last dimension.
@@ -196,13 +201,18 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     pub fn forward(&self, x: &B::Tensor, temb: Option<&B::Tensor>) -> Result<B::Tensor> {
         let be = &self.be;
-        let mut h = self.conv1.forward(&be.silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&be.silu(t)?)?;
             let d = be.dims(&t);
             h = be.add(&h, &be.reshape(&t, &[d[0], d[1], 1, 1])?)?;
         }
-        let h = self.conv2.forward(&be.silu(&self.norm2.forward(&h)?)?)?;
+        // each intermediate map is dropped as soon as the next is made: at most the input, one
+        // normalised map and one output are alive (what the memory estimate counts)
+        let normed = self.norm2.forward_silu(&h)?;
+        drop(h);
+        let h = self.conv2.forward(&normed)?;
+        drop(normed);
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

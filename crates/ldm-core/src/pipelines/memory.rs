@@ -2,10 +2,13 @@
 //! allocated, so that an absurd size is refused with a message instead of ending in the kernel's
 //! OOM killer (or an allocation abort, which no front end can catch).
 //!
-//! The estimates follow what the CPU backend materialises: feature maps of `(rows, C, H, W)`
-//! float32, the im2col buffer of each 3x3 convolution (`rows * H * W * C_in * 9` floats, candle's
-//! conv2d), full attention score matrices (`rows * heads * L * L`, scores and probabilities
-//! alive together), and the skip connections the UNet keeps from its down path to its up path.
+//! The estimates follow what a backend materialises: feature maps of `(rows, C, H, W)` float32,
+//! the skip connections the UNet keeps from its down path to its up path, and the work buffers
+//! of convolutions and attention. Those are [`Transients::Full`] where a backend builds them
+//! whole (an im2col buffer of `rows * H * W * C_in * 9` floats, score matrices of
+//! `rows * heads * L * L` with the probabilities beside them: the GPU backend), and
+//! [`Transients::Blocked`] where it works through them a block at a time (the CPU backend: bands
+//! of output rows, blocks of keys), so that they stay a few tens of megabytes at any size.
 //! They are deliberately on the high side (within about 2x of measured peaks) and exclude the
 //! weights, which are already loaded when the check runs.
 
@@ -50,12 +53,27 @@ pub fn available_memory() -> Option<u64> {
     }
 }
 
-/// Refuses a run whose estimate exceeds the available memory (or [`FALLBACK_AVAILABLE`]).
+thread_local! {
+    static THREAD_LIMIT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Caps the memory that runs started on this thread may plan to use (`None`: no cap beyond the
+/// machine's): an application that shares the machine, or a test, can have large runs refused
+/// below what the system would allow.
+pub fn set_thread_limit(limit: Option<u64>) {
+    THREAD_LIMIT.with(|l| l.set(limit));
+}
+
+/// Refuses a run whose estimate exceeds the available memory (or [`FALLBACK_AVAILABLE`]), or
+/// this thread's limit ([`set_thread_limit`]).
 pub fn check_memory(what: &str, needed: u64) -> Result<()> {
-    let (available, measured) = match available_memory() {
+    let (mut available, mut measured) = match available_memory() {
         Some(a) => (a, true),
         None => (FALLBACK_AVAILABLE, false),
     };
+    if let Some(limit) = THREAD_LIMIT.with(|l| l.get()).filter(|&l| l < available) {
+        (available, measured) = (limit, true);
+    }
     if needed > available {
         return Err(Error::OutOfMemory { what: what.to_string(), needed, available, measured });
     }
@@ -80,16 +98,37 @@ fn mul(xs: &[u64]) -> u64 {
     xs.iter().fold(1u64, |a, &b| a.saturating_mul(b))
 }
 
-/// The largest transient of one level: a 3x3 convolution's im2col buffer with its input and
+/// How a backend holds the work buffers of convolutions and attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transients {
+    /// Whole: an im2col buffer per convolution, every attention score at once.
+    Full,
+    /// A block at a time, bounded whatever the size.
+    Blocked,
+}
+
+/// The most a [`Transients::Blocked`] backend's blocks take: convolution bands and transformed
+/// kernels, or the score blocks of every thread.
+const BLOCKS: u64 = 192 << 20;
+
+/// The largest transient of one level: a 3x3 convolution's work buffer with its input and
 /// output (inputs up to twice the channels, from the concatenated skips), or attention's
-/// score and probability matrices.
-fn level_transient(rows: u64, l: &Level) -> u64 {
+/// scores with the queries, keys, values and output.
+fn level_transient(rows: u64, l: &Level, t: Transients) -> u64 {
     let fmap = mul(&[rows, l.channels, l.positions, F32]);
-    let conv = mul(&[rows, l.positions, 2 * l.channels, 9, F32]).saturating_add(fmap.saturating_mul(3));
+    let blocks = |full: u64| if t == Transients::Full { full } else { full.min(BLOCKS) };
+    // Whole buffers: the im2col matrix, the convolution's input and output, the block's input.
+    // Blocked: the first resnet of a level reads up to twice its channels, and its input, the
+    // normalised input and the output are alive together (5 maps of the level's width).
+    let cols = mul(&[rows, l.positions, 2 * l.channels, 9, F32]);
+    let conv = match t {
+        Transients::Full => cols.saturating_add(fmap.saturating_mul(3)),
+        Transients::Blocked => cols.min(BLOCKS).saturating_add(fmap.saturating_mul(5)),
+    };
     let attn = if l.heads > 0 {
         let self_attn = mul(&[rows, l.heads, l.positions, l.positions, F32, 3]);
         let cross = mul(&[rows, l.heads, l.positions, l.context.max(1), F32, 3]);
-        self_attn.max(cross).saturating_add(fmap.saturating_mul(4))
+        blocks(self_attn.max(cross)).saturating_add(fmap.saturating_mul(4))
     } else {
         0
     };
@@ -98,17 +137,30 @@ fn level_transient(rows: u64, l: &Level) -> u64 {
 
 /// Peak bytes of one UNet call on `rows` samples: the skips kept from the down path plus the
 /// largest transient of any level.
-pub(crate) fn unet_peak(rows: u64, levels: &[Level]) -> u64 {
+pub(crate) fn unet_peak(rows: u64, levels: &[Level], t: Transients) -> u64 {
     let skips = levels.iter().fold(0u64, |a, l| a.saturating_add(mul(&[rows, l.channels, l.positions, F32, l.layers + 1])));
-    let transient = levels.iter().map(|l| level_transient(rows, l)).max().unwrap_or(0);
+    let transient = levels.iter().map(|l| level_transient(rows, l, t)).max().unwrap_or(0);
     skips.saturating_add(transient).saturating_add(OVERHEAD)
 }
 
 /// Peak bytes of decoding `rows` latents: the largest level's transient (the decoder keeps no
 /// skips), with the mid-block attention at the latent resolution.
-pub(crate) fn decoder_peak(rows: u64, levels: &[Level]) -> u64 {
-    let transient = levels.iter().map(|l| level_transient(rows, l)).max().unwrap_or(0);
+pub(crate) fn decoder_peak(rows: u64, levels: &[Level], t: Transients) -> u64 {
+    let transient = levels.iter().map(|l| level_transient(rows, l, t)).max().unwrap_or(0);
     transient.saturating_add(OVERHEAD)
+}
+
+/// Peak bytes of decoding one image of `h x w` latents, `f` pixels per latent: whole, or in
+/// tiles (see [`super::tiles`]) with the blended image and its weights beside them.
+pub(crate) fn decode_peak(ch: &[usize], layers: usize, mid: bool, h: usize, w: usize, f: usize, t: Transients) -> u64 {
+    if super::tiles::tiled(h, w) {
+        let side = super::tiles::TILE.min(h.max(w)) * f;
+        let tile = decoder_peak(1, &decoder_levels(ch, layers, side, side, mid), t);
+        let image = mul(&[(h * f) as u64, (w * f) as u64, 4 + 1, F32]);
+        tile.saturating_add(image)
+    } else {
+        decoder_peak(1, &decoder_levels(ch, layers, h * f, w * f, mid), t)
+    }
 }
 
 /// The levels of a decoder (AutoencoderKL/VQModel) producing `h x w` pixels from `block_out_channels`.

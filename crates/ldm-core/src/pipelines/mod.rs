@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod memory;
+pub mod tiles;
 pub mod superres;
 pub mod txt2img;
 

@@ -7,7 +7,7 @@ use crate::backend::Backend;
 use crate::loading::folder::{ComponentKind, ModelFolder};
 use crate::models::unet_2d::UNet2DModel;
 use crate::models::vq_model::VQModel;
-use crate::pipelines::memory;
+use crate::pipelines::{memory, tiles};
 use crate::pipelines::{check_finite, check_output, component, load_model, report, Images, Pause, ProgressFn, SchedulerSource, Stage};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -114,13 +114,11 @@ impl<B: Backend> SuperResolution<B> {
         if n > 0 && c.add_attention {
             levels.push(memory::Level { layers: 1, heads: heads(c.block_out_channels[n - 1]), ..levels[n - 1] });
         }
-        let unet = memory::unet_peak(1, &levels);
+        let t = self.be.transients();
+        let unet = memory::unet_peak(1, &levels, t);
         let v = &self.vqvae.config;
         let f = self.vqvae.config.scale_factor();
-        let decode = memory::decoder_peak(
-            1,
-            &memory::decoder_levels(&v.block_out_channels, v.layers_per_block, height * f, width * f, v.mid_block_add_attention),
-        );
+        let decode = memory::decode_peak(&v.block_out_channels, v.layers_per_block, v.mid_block_add_attention, height, width, f, t);
         unet.max(decode)
     }
 
@@ -166,12 +164,31 @@ impl<B: Backend> SuperResolution<B> {
         report(&mut progress, Stage::Denoise, total, total)?;
 
         report(&mut progress, Stage::Decode, 0, 1)?;
-        let decoded = self.vqvae.decode(&be.upload(latents, &[1, c, h, w])?, false)?;
-        let d = be.dims(&decoded);
-        let decoded = be.download_async(&be.permute(&decoded, &[0, 2, 3, 1])?).await?;
+        let z = be.upload(latents, &[1, c, h, w])?;
+        let (decoded, d) = if tiles::tiled(h, w) {
+            // quantisation is per latent, so it is done once, and the tiles decode unquantised
+            let q = self.vqvae.quantize(&z)?;
+            let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, &q, tiles::TILE, tiles::OVERLAP, |t| self.vqvae.decode(t, true))?;
+            (chw_to_hwc(&chw, oc, oh * ow), [1, oc, oh, ow])
+        } else {
+            let decoded = self.vqvae.decode(&z, false)?;
+            let d = be.dims(&decoded);
+            (be.download_async(&be.permute(&decoded, &[0, 2, 3, 1])?).await?, [d[0], d[1], d[2], d[3]])
+        };
         let pixels: Vec<f32> = decoded.iter().map(|v| v.clamp(-1.0, 1.0) / 2.0 + 0.5).collect();
         check_output("the decoder", &pixels)?;
         report(&mut progress, Stage::Decode, 1, 1)?;
         Ok(Images { count: d[0], height: d[2], width: d[3], pixels })
     }
+}
+
+/// `(C, P)` planes to `(P, C)` pixels.
+pub(crate) fn chw_to_hwc(chw: &[f32], c: usize, plane: usize) -> Vec<f32> {
+    let mut out = vec![0f32; chw.len()];
+    for (ci, p) in chw.chunks_exact(plane.max(1)).enumerate().take(c) {
+        for (i, &v) in p.iter().enumerate() {
+            out[i * c + ci] = v;
+        }
+    }
+    out
 }

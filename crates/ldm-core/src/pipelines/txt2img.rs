@@ -13,7 +13,7 @@ use crate::models::ldm_bert::LDMBertModel;
 use crate::models::unet_2d_condition::UNet2DConditionModel;
 use crate::models::vq_model::VQModel;
 use crate::loading::folder::ComponentClass;
-use crate::pipelines::memory;
+use crate::pipelines::{memory, tiles};
 use crate::pipelines::{check_finite, check_prompt, check_output, component, load_model, report, Images, Pause, ProgressFn, SchedulerSource, Stage};
 use crate::rng::TorchGenerator;
 use crate::tokenizer::BertTokenizer;
@@ -212,12 +212,13 @@ impl<B: Backend> TextToImage<B> {
             levels.push(memory::Level { layers: 1, heads: heads[n - 1] as u64, ..levels[n - 1] });
         }
         let rows = (batch * if guided { 2 } else { 1 }) as u64;
-        let unet = memory::unet_peak(rows, &levels);
+        let t = self.be.transients();
+        let unet = memory::unet_peak(rows, &levels, t);
         let (ch, lpb, mid) = match &self.vae {
             LatentDecoder::Kl(m) => (&m.config.block_out_channels, m.config.layers_per_block, m.config.mid_block_add_attention),
             LatentDecoder::Vq(m) => (&m.config.block_out_channels, m.config.layers_per_block, m.config.mid_block_add_attention),
         };
-        let decode = memory::decoder_peak(batch as u64, &memory::decoder_levels(ch, lpb, height, width, mid));
+        let decode = (batch as u64).saturating_mul(memory::decode_peak(ch, lpb, mid, height / f, width / f, f, t));
         unet.max(decode)
     }
 
@@ -302,9 +303,21 @@ impl<B: Backend> TextToImage<B> {
         report(&mut progress, Stage::Decode, 0, 1)?;
         let inv = (1.0 / self.vae.scaling_factor()) as f32;
         latents.iter_mut().for_each(|v| *v *= inv);
-        let image = self.vae.decode(&be.upload(latents, &shape)?)?;
-        let d = be.dims(&image);
-        let image = be.download_async(&be.permute(&image, &[0, 2, 3, 1])?).await?;
+        let z = be.upload(latents, &shape)?;
+        let (image, d) = if tiles::tiled(shape[2], shape[3]) {
+            let mut all = Vec::new();
+            let mut dims = [batch, 0, 0, 0];
+            for i in 0..batch {
+                let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, &be.narrow(&z, 0, i, 1)?, tiles::TILE, tiles::OVERLAP, |t| self.vae.decode(t))?;
+                all.extend(crate::pipelines::superres::chw_to_hwc(&chw, oc, oh * ow));
+                dims = [batch, oc, oh, ow];
+            }
+            (all, dims)
+        } else {
+            let image = self.vae.decode(&z)?;
+            let d = be.dims(&image);
+            (be.download_async(&be.permute(&image, &[0, 2, 3, 1])?).await?, [d[0], d[1], d[2], d[3]])
+        };
         let pixels: Vec<f32> = image.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
         check_output("the decoder", &pixels)?;
         report(&mut progress, Stage::Decode, 1, 1)?;

@@ -1,0 +1,302 @@
+//! The CPU backend: candle tensors, with the operations that dominate the LDM models (matrix
+//! products, convolutions, normalisation, attention, activations) done by our own kernels over
+//! the tensors' buffers ([`gemm`], [`conv`], [`norm`], [`attention`], [`math`]), spread over the
+//! current rayon pool (so `threads::Threads` bounds them). The rest is candle's.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod gemm;
+mod math;
+mod norm;
+
+use candle_core::{DType, Device, Storage, Tensor, D};
+
+use super::Backend;
+use crate::{Error, Result};
+
+/// Runs `f` on the tensor's float32 elements in row-major order (copying only a tensor that is
+/// not contiguous).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Backend("a CPU kernel was given a tensor that is not on the CPU".into()));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Backend("a contiguous tensor has no contiguous offsets".into()))?;
+    Ok(f(&data[start..end]))
+}
+
+/// `a op b` for equal shapes, or `b` of `a`'s shape with its trailing dimensions 1 (a per-channel
+/// term); `None` for other broadcasts, which candle does.
+fn binary(a: &Tensor, b: &Tensor, op: fn(f32, f32) -> f32) -> Option<Result<Tensor>> {
+    let (da, db) = (a.dims(), b.dims());
+    if da == db {
+        return Some(with_f32(a, |x| with_f32(b, |y| elementwise::zip(x, y, op))).and_then(|r| tensor(r?, da)));
+    }
+    let k = db.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    if db.len() == da.len() && k > 0 && k < da.len() && da[..k] == db[..k] {
+        let run: usize = da[k..].iter().product();
+        if run > 0 {
+            return Some(with_f32(a, |x| with_f32(b, |y| elementwise::zip_runs(x, y, run, op))).and_then(|r| tensor(r?, da)));
+        }
+    }
+    None
+}
+
+fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// candle on the CPU. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Cpu;
+
+impl Cpu {
+    pub fn new() -> Self {
+        Cpu
+    }
+}
+
+fn contiguous_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl Backend for Cpu {
+    type Tensor = Tensor;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn transients(&self) -> crate::pipelines::memory::Transients {
+        crate::pipelines::memory::Transients::Blocked
+    }
+
+    fn dims(&self, t: &Tensor) -> Vec<usize> {
+        t.dims().to_vec()
+    }
+
+    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::Backend(format!(
+                "upload: {} values for shape {shape:?} ({n} expected)",
+                data.len()
+            )));
+        }
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        contiguous_f32(t)
+    }
+
+    fn reshape(&self, t: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        Ok(t.reshape(shape)?)
+    }
+
+    fn permute(&self, t: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        Ok(t.permute(perm)?.contiguous()?)
+    }
+
+    fn narrow(&self, t: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        Ok(t.narrow(dim, start, len)?.contiguous()?)
+    }
+
+    fn cat(&self, ts: &[&Tensor], dim: usize) -> Result<Tensor> {
+        Ok(Tensor::cat(ts, dim)?)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        binary(a, b, |x, y| x + y).unwrap_or_else(|| Ok(a.broadcast_add(b)?))
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        binary(a, b, |x, y| x * y).unwrap_or_else(|| Ok(a.broadcast_mul(b)?))
+    }
+
+    fn affine(&self, t: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
+        tensor(with_f32(t, |x| elementwise::affine(x, mul, add))?, t.dims())
+    }
+
+    fn clamp(&self, t: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+        Ok(t.clamp(lo, hi)?)
+    }
+
+    fn silu(&self, t: &Tensor) -> Result<Tensor> {
+        let mut data = with_f32(t, |x| x.to_vec())?;
+        math::silu_inplace(&mut data);
+        tensor(data, t.dims())
+    }
+
+    fn gelu(&self, t: &Tensor) -> Result<Tensor> {
+        let mut data = with_f32(t, |x| x.to_vec())?;
+        math::gelu_inplace(&mut data);
+        tensor(data, t.dims())
+    }
+
+    fn geglu(&self, t: &Tensor) -> Result<Tensor> {
+        let mut dims = t.dims().to_vec();
+        let last = dims.last_mut().ok_or_else(|| Error::Backend("geglu on a scalar".into()))?;
+        if *last % 2 != 0 {
+            return Err(Error::Backend(format!("geglu: odd last dimension {last}")));
+        }
+        *last /= 2;
+        let inner = *last;
+        tensor(with_f32(t, |x| math::geglu(x, inner))?, &dims)
+    }
+
+    fn softmax_last(&self, t: &Tensor) -> Result<Tensor> {
+        let cols = *t.dims().last().ok_or_else(|| Error::Backend("softmax on a scalar".into()))?;
+        let mut data = with_f32(t, |x| x.to_vec())?;
+        math::softmax_rows(&mut data, cols);
+        tensor(data, t.dims())
+    }
+
+    fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (da, db) = (a.dims(), b.dims());
+        let r = da.len();
+        if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
+            return Err(Error::Backend(format!("matmul of {da:?} and {db:?}")));
+        }
+        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+        let batch: usize = da[..r - 2].iter().product();
+        let mut out = vec![0f32; batch * m * n];
+        with_f32(a, |a| {
+            with_f32(b, |b| -> Result<()> {
+                for i in 0..batch {
+                    gemm::gemm(
+                        gemm::MatMut::rows(&mut out[i * m * n..(i + 1) * m * n], m, n),
+                        gemm::Mat::rows(&a[i * m * k..(i + 1) * m * k], m, k),
+                        gemm::Mat::rows(&b[i * k * n..(i + 1) * k * n], k, n),
+                        false,
+                        gemm::Par::Auto,
+                    )?;
+                }
+                Ok(())
+            })
+        })???;
+        let mut shape = da.to_vec();
+        shape[r - 1] = n;
+        tensor(out, &shape)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let dims = x.dims();
+        let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
+        let wd = w.dims();
+        if wd.len() != 2 || wd[1] != inner {
+            return Err(Error::Backend(format!("linear: weight {wd:?} for input {dims:?}")));
+        }
+        let (rows, out_dim) = (x.elem_count() / inner.max(1), wd[0]);
+        let mut out = vec![0f32; rows * out_dim];
+        if let Some(b) = b {
+            with_f32(b, |b| out.chunks_mut(out_dim.max(1)).for_each(|r| r.copy_from_slice(b)))?;
+        }
+        with_f32(x, |x| {
+            with_f32(w, |w| {
+                gemm::gemm(
+                    gemm::MatMut::rows(&mut out, rows, out_dim),
+                    gemm::Mat::rows(x, rows, inner),
+                    gemm::Mat::rows(w, out_dim, inner).t(),
+                    b.is_some(),
+                    gemm::Par::Auto,
+                )
+            })
+        })???;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = out_dim;
+        tensor(out, &shape)
+    }
+
+    fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+        let (xd, wd) = (x.dims(), w.dims());
+        if xd.len() != 4 || wd.len() != 4 || xd[1] != wd[1] {
+            return Err(Error::Backend(format!("conv2d of {xd:?} with weight {wd:?}")));
+        }
+        let s = conv::ConvShape { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0], kh: wd[2], kw: wd[3], stride, padding };
+        let (oh, ow) = s.out_hw()?;
+        let bias = b.map(|b| with_f32(b, |b| b.to_vec())).transpose()?;
+        let out = with_f32(x, |x| with_f32(w, |w| conv::conv2d(x, w, bias.as_deref(), s)))???;
+        tensor(out, &[s.n, s.o, oh, ow])
+    }
+
+    fn pad2d(&self, x: &Tensor, pad: [usize; 4]) -> Result<Tensor> {
+        let r = x.rank();
+        let x = x.pad_with_zeros(r - 2, pad[0], pad[1])?;
+        Ok(x.pad_with_zeros(r - 1, pad[2], pad[3])?)
+    }
+
+    fn upsample_nearest(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let d = x.dims();
+        if d.len() < 2 {
+            return Err(Error::Backend(format!("upsample_nearest of {d:?}")));
+        }
+        let (ih, iw) = (d[d.len() - 2], d[d.len() - 1]);
+        let planes = d[..d.len() - 2].iter().product();
+        let mut shape = d.to_vec();
+        shape[d.len() - 2] = h;
+        shape[d.len() - 1] = w;
+        tensor(with_f32(x, |x| elementwise::upsample_nearest(x, planes, ih, iw, h, w))?, &shape)
+    }
+
+    fn group_norm(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        self.group_norm_act(x, groups, gamma, beta, eps, false)
+    }
+
+    fn group_norm_silu(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        self.group_norm_act(x, groups, gamma, beta, eps, true)
+    }
+
+    fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        let d = *x.dims().last().ok_or_else(|| Error::Backend("layer_norm on a scalar".into()))?;
+        let (g, b) = (contiguous_f32(gamma)?, contiguous_f32(beta)?);
+        tensor(with_f32(x, |x| norm::layer_norm(x, d, &g, &b, eps))??, x.dims())
+    }
+
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+        let rows = table.dims()[0];
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= rows) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the embedding table of {rows} rows")));
+        }
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
+        Ok(table.index_select(&idx, 0)?)
+    }
+
+    fn vq_nearest(&self, z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
+        // |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 does not change the argmin, but diffusers
+        // computes the full distance (torch.cdist), and ties are then broken identically.
+        let z2 = z.sqr()?.sum_keepdim(D::Minus1)?;
+        let e2 = codebook.sqr()?.sum_keepdim(D::Minus1)?.t()?;
+        let ze = z.matmul(&codebook.t()?)?;
+        let dist = z2.broadcast_add(&e2)?.broadcast_sub(&ze.affine(2.0, 0.0)?)?;
+        let idx = dist.argmin(D::Minus1)?.to_dtype(DType::U32)?;
+        Ok(codebook.index_select(&idx, 0)?)
+    }
+
+    fn attention_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
+        let (qd, kd) = (q.dims(), k.dims());
+        if qd.len() != 3 || kd.len() != 3 || v.dims() != kd || qd[0] != kd[0] || qd[2] != kd[2] || heads == 0 || qd[2] % heads != 0 {
+            return Err(Error::Backend(format!("attention of {qd:?} over {kd:?} with {heads} heads")));
+        }
+        let (b, lq, lk, d) = (qd[0], qd[1], kd[1], qd[2] / heads);
+        let out = with_f32(q, |q| with_f32(k, |k| with_f32(v, |v| attention::attention(q, k, v, b, lq, lk, heads, d, scale))))????;
+        tensor(out, qd)
+    }
+}
+
+impl Cpu {
+    fn group_norm_act(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 2 {
+            return Err(Error::Backend(format!("group_norm: {groups} groups for shape {dims:?}")));
+        }
+        let (n, c, spatial) = (dims[0], dims[1], dims[2..].iter().product());
+        let (g, b) = (contiguous_f32(gamma)?, contiguous_f32(beta)?);
+        tensor(with_f32(x, |x| norm::group_norm(x, n, c, spatial, groups, &g, &b, eps, silu))??, dims)
+    }
+}

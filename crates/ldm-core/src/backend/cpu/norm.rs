@@ -1,0 +1,110 @@
+//! Group and layer normalisation, in parallel over groups (rows), with the statistics summed in
+//! float64 (two passes: the mean, then the variance about it, as `torch` computes them, without
+//! its float32 rounding), and optionally SiLU fused into the same pass over the output.
+
+use rayon::prelude::*;
+
+use super::math;
+use crate::{Error, Result};
+
+/// `torch.nn.GroupNorm` over `x (n, c, spatial)`, then SiLU when `silu`.
+pub fn group_norm(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    silu: bool,
+) -> Result<Vec<f32>> {
+    if groups == 0 || c % groups != 0 || x.len() != n * c * spatial || gamma.len() != c || beta.len() != c {
+        return Err(Error::Backend(format!("group_norm: {groups} groups over ({n}, {c}, {spatial})")));
+    }
+    let cpg = c / groups;
+    let len = cpg * spatial;
+    let mut out = vec![0f32; x.len()];
+    if len == 0 {
+        return Ok(out);
+    }
+    out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(gi, (o, src))| {
+        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        let c0 = (gi % groups) * cpg;
+        for (ci, (op, sp)) in o.chunks_mut(spatial.max(1)).zip(src.chunks(spatial.max(1))).enumerate() {
+            // y = x * a + b with a = gamma / std and b = beta - mean * a, in float32
+            let a = gamma[c0 + ci] as f64 * inv;
+            let b = beta[c0 + ci] as f64 - mean * a;
+            let (a, b) = (a as f32, b as f32);
+            for (y, &v) in op.iter_mut().zip(sp) {
+                *y = v * a + b;
+            }
+            if silu {
+                math::silu_inplace(op);
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// `torch.nn.LayerNorm` over rows of `d` values.
+pub fn layer_norm(x: &[f32], d: usize, gamma: &[f32], beta: &[f32], eps: f64) -> Result<Vec<f32>> {
+    if d == 0 || x.len() % d != 0 || gamma.len() != d || beta.len() != d {
+        return Err(Error::Backend(format!("layer_norm: rows of {d} over {} values", x.len())));
+    }
+    let mut out = vec![0f32; x.len()];
+    let per_task = ((1 << 14) / d).max(1) * d;
+    out.par_chunks_mut(per_task).zip(x.par_chunks(per_task)).for_each(|(o, src)| {
+        for (orow, row) in o.chunks_mut(d).zip(src.chunks(d)) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((y, &v), (&g, &b)) in orow.iter_mut().zip(row).zip(gamma.iter().zip(beta)) {
+                *y = ((v as f64 - mean) * inv) as f32 * g + b;
+            }
+        }
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_norm_normalises_each_group() {
+        let (n, c, sp, g) = (2, 6, 5, 3);
+        let x: Vec<f32> = (0..n * c * sp).map(|i| ((i * 37) % 23) as f32 * 0.5 - 3.0).collect();
+        let gamma: Vec<f32> = (0..c).map(|i| 1.0 + i as f32 * 0.1).collect();
+        let beta: Vec<f32> = (0..c).map(|i| i as f32 * -0.2).collect();
+        let y = group_norm(&x, n, c, sp, g, &gamma, &beta, 1e-5, false).unwrap();
+        let ys = group_norm(&x, n, c, sp, g, &gamma, &beta, 1e-5, true).unwrap();
+        for (k, chunk) in x.chunks(2 * sp).enumerate() {
+            let m = chunk.iter().map(|&v| v as f64).sum::<f64>() / chunk.len() as f64;
+            let v = chunk.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / chunk.len() as f64;
+            for (j, &xv) in chunk.iter().enumerate() {
+                let ch = (k % g) * 2 + j / sp;
+                let want = (xv as f64 - m) / (v + 1e-5).sqrt() * gamma[ch] as f64 + beta[ch] as f64;
+                let i = k * 2 * sp + j;
+                assert!((y[i] as f64 - want).abs() < 1e-5, "{} vs {want}", y[i]);
+                let silu = want / (1.0 + (-want).exp());
+                assert!((ys[i] as f64 - silu).abs() < 1e-5);
+            }
+        }
+        assert!(group_norm(&x, n, c, sp, 4, &gamma, &beta, 1e-5, false).is_err());
+    }
+
+    #[test]
+    fn layer_norm_normalises_each_row() {
+        let x: Vec<f32> = (0..12).map(|i| (i * i) as f32).collect();
+        let y = layer_norm(&x, 4, &[1.0, 2.0, 1.0, 1.0], &[0.0, 0.0, 1.0, 0.0], 1e-5).unwrap();
+        for (r, row) in x.chunks(4).enumerate() {
+            let m = row.iter().sum::<f32>() as f64 / 4.0;
+            let v = row.iter().map(|&a| (a as f64 - m).powi(2)).sum::<f64>() / 4.0;
+            let want = (row[1] as f64 - m) / (v + 1e-5).sqrt() * 2.0;
+            assert!((y[r * 4 + 1] as f64 - want).abs() < 1e-5);
+        }
+    }
+}
