@@ -17,7 +17,7 @@ python3 -c "import torch, diffusers, transformers; print(torch.__version__, diff
  tar czf "$OUT/txt2img.tgz" -C "$W" ldm-shapes training_log_txt2img.json samples_txt2img.png
  cp "$W/samples_txt2img.png" "$OUT/") &
 (taskset -c 7-13 python3 training/train.py --part superres --device cuda --threads 4 --workers 6 --out "$W" \
-  --data 50000 --vq-steps 100000 --sr-steps 100000 --ae-batch 64 --sr-batch 128 --stage-seconds 370 \
+  --data 50000 --vq-steps 100000 --sr-steps 100000 --vq-batch 64 --sr-batch 128 --stage-seconds 370 \
   --log-every 500 >"$OUT/log_superres.txt" 2>&1
  tar czf "$OUT/superres.tgz" -C "$W" ldm-shapes-superres training_log_superres.json samples_superres.png
  cp "$W/samples_superres.png" "$OUT/") &
