@@ -18,8 +18,11 @@ pub const DYLIB: &str = "libldm.dylib";
 pub const DYLIB: &str = "libldm.so";
 
 /// The folder holding the libldm built with this test (`target/<profile>`), or `$LDM_LIB_DIR`.
-/// cargo builds the library's cdylib and staticlib with the tests; if they are missing (a
-/// target directory cleaned by hand) they are built here.
+/// `cargo test` builds only the rlib of the library for its tests, so the cdylib and staticlib are
+/// built here when missing, by `cargo build --workspace --all-targets`: the same packages and
+/// targets as the test suite's `cargo test --workspace --all-targets`, so that cargo resolves the
+/// same features and reuses every dependency it has already compiled (building `-p ldm-capi`
+/// alone would resolve other features and compile them all again).
 pub fn lib_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LDM_LIB_DIR") {
         return PathBuf::from(dir);
@@ -32,13 +35,13 @@ pub fn lib_dir() -> PathBuf {
     let release = exe.ancestors().any(|d| d.file_name().is_some_and(|n| n == "release"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "ldm-capi"]).current_dir(root());
+    cmd.args(["build", "--workspace", "--all-targets"]).current_dir(root());
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("cargo runs");
-    assert!(status.success(), "cargo build -p ldm-capi failed");
-    find().unwrap_or_else(|| panic!("{DYLIB} not found beside {} even after cargo build -p ldm-capi", exe.display()))
+    assert!(status.success(), "cargo build --workspace --all-targets failed");
+    find().unwrap_or_else(|| panic!("{DYLIB} not found beside {} even after cargo build --workspace --all-targets", exe.display()))
 }
 
 /// A program to compile: C (cc, C11) or C++ (c++, C++17), with warnings as errors.
