@@ -26,11 +26,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Every crate's tests on the CPU: models, schedulers, pipelines, the shared cases through the core,
-# the `ldm` binary and a C program, hostile input, fuzz smoke runs, the soak test.
-cargo test --workspace --all-targets --locked
-# The GPU backend (feature `webgpu`) on lavapipe: every kernel, every model, the shared cases.
-cargo test -p ldm-core --features webgpu --test webgpu --locked
+# Every crate's tests: models, schedulers, pipelines, the shared cases through the core, the `ldm`
+# binary and a C program, hostile input, fuzz smoke runs, the soak test, and the GPU backend
+# (feature `webgpu`, which ldm-wasm turns on anyway; named so that it is never lost) on lavapipe:
+# every kernel, every model, the shared cases.
+# `cargo build` first: it also links libldm.so/libldm.a, which `cargo test` does not make and the C
+# ABI tests need; with the same packages, targets and features, `cargo test` reuses everything.
+cargo build --workspace --all-targets --features ldm-core/webgpu --locked
+cargo test --workspace --all-targets --features ldm-core/webgpu --locked
 # The browser: ldm-wasm's JavaScript API on WebGPU and on the CPU fallback (the shared cases,
 # hostile input, abort) and the demo page, in headless chromium.
 bash scripts/test-web.sh
