@@ -89,12 +89,6 @@ fn a_red_circle() {
     assert!(t.colour_ok >= 3 && t.shape_ok >= 3, "{}: {:?}", t.summary(), t.failures);
 }
 
-fn load_sample(path: &std::path::Path) -> Rgb {
-    let bytes = std::fs::read(path).unwrap();
-    let (px, w, h) = ldm_core::image::decode_image(&bytes, &path.display().to_string()).unwrap();
-    Rgb { px, w: w as usize, h: h as usize }
-}
-
 #[test]
 fn super_resolution_beats_bicubic() {
     let p = Pipeline::load_folder(&repo().join("models/ldm-shapes-superres"), &Cpu)

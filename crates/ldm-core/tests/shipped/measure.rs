@@ -409,6 +409,13 @@ pub fn mosaic(tiles: &[Rgb]) -> Rgb {
     Rgb { px, w, h }
 }
 
+/// A PNG (or JPEG, WebP) file as 8-bit RGB.
+pub fn load_sample(path: &std::path::Path) -> Rgb {
+    let bytes = std::fs::read(path).unwrap();
+    let (px, w, h) = ldm_core::image::decode_image(&bytes, &path.display().to_string()).unwrap();
+    Rgb { px, w: w as usize, h: h as usize }
+}
+
 /// The data-set images committed for the super-resolution test (`training/samples`).
 pub fn sample_paths() -> Vec<PathBuf> {
     let dir = repo().join("training/samples");
