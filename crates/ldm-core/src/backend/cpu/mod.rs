@@ -9,8 +9,9 @@ mod elementwise;
 mod gemm;
 mod math;
 mod norm;
+mod vq;
 
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{Device, Storage, Tensor};
 
 use super::Backend;
 use crate::{Error, Result};
@@ -268,14 +269,11 @@ impl Backend for Cpu {
     }
 
     fn vq_nearest(&self, z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
-        // |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 does not change the argmin, but diffusers
-        // computes the full distance (torch.cdist), and ties are then broken identically.
-        let z2 = z.sqr()?.sum_keepdim(D::Minus1)?;
-        let e2 = codebook.sqr()?.sum_keepdim(D::Minus1)?.t()?;
-        let ze = z.matmul(&codebook.t()?)?;
-        let dist = z2.broadcast_add(&e2)?.broadcast_sub(&ze.affine(2.0, 0.0)?)?;
-        let idx = dist.argmin(D::Minus1)?.to_dtype(DType::U32)?;
-        Ok(codebook.index_select(&idx, 0)?)
+        let (zd, cd) = (z.dims(), codebook.dims());
+        if zd.len() != 2 || cd.len() != 2 || zd[1] != cd[1] {
+            return Err(Error::Backend(format!("vq_nearest of {zd:?} with codebook {cd:?}")));
+        }
+        tensor(with_f32(z, |z| with_f32(codebook, |cb| vq::nearest(z, cb, zd[1])))???, zd)
     }
 
     fn attention_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
