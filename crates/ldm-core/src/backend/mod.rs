@@ -34,6 +34,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn upload_weight(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
         self.upload(data, shape)
     }
+    /// Uploads the weight `(out, in)` of a linear layer, row-major in `data`. The tensor has that
+    /// shape and those values; a backend may lay it out in memory as its `linear` reads it
+    /// fastest (the CPU backend keeps it transposed). Defaults to `upload_weight`.
+    fn upload_linear_weight(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Self::Tensor> {
+        self.upload_weight(data, &[out_dim, in_dim])
+    }
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// Reads a tensor back without blocking: the form the pipelines use, since in the browser
     /// the GPU's results arrive through the event loop. Defaults to `download`.

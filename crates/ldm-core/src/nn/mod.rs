@@ -17,7 +17,7 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     pub fn load(w: &Weights<B>, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let weight = w.get_linear("weight", out_dim, in_dim)?;
         let b = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
         Ok(Self { be: w.backend().clone(), w: weight, b })
     }

@@ -60,6 +60,19 @@ impl<B: Backend> Weights<B> {
 
     /// The tensor `name` under this prefix, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        let data = self.read(name, shape)?;
+        self.inner.backend.upload_weight(data, shape)
+    }
+
+    /// The weight `(out, in)` of a linear layer, in the memory layout the backend's `linear`
+    /// reads fastest ([`Backend::upload_linear_weight`]); checked as [`Weights::get`].
+    pub fn get_linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<B::Tensor> {
+        let data = self.read(name, &[out_dim, in_dim])?;
+        self.inner.backend.upload_linear_weight(data, out_dim, in_dim)
+    }
+
+    /// The float32 values of tensor `name`, once its shape is checked and its values are finite.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let key = self.key(name);
         let src = &self.inner.source;
         let meta = src
@@ -81,7 +94,7 @@ impl<B: Backend> Weights<B> {
             });
         }
         self.inner.used.lock().map_err(|_| Error::Backend("weights lock poisoned".into()))?.insert(key);
-        self.inner.backend.upload_weight(data, shape)
+        Ok(data)
     }
 
     /// Tensors in the source that no layer asked for (an extra tensor usually means the config

@@ -48,6 +48,24 @@ fn binary(a: &Tensor, b: &Tensor, op: fn(f32, f32) -> f32) -> Option<Result<Tens
     None
 }
 
+/// Runs `f` on the `(in, out)` matrix `w^T` of a linear weight `w (out, in)`: read in place from
+/// a weight that `upload_linear_weight` stored transposed, else a view of the row-major one.
+fn with_linear_weight<R>(w: &Tensor, f: impl FnOnce(gemm::Mat<'_>) -> R) -> Result<R> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let (storage, layout) = w.storage_and_layout();
+    if layout.stride() == [1, out_dim] {
+        if let Storage::Cpu(cpu) = &*storage {
+            let data = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            if let Some(data) = data.get(start..start + in_dim * out_dim) {
+                return Ok(f(gemm::Mat::rows(data, in_dim, out_dim)));
+            }
+        }
+    }
+    drop(storage);
+    with_f32(w, |data| f(gemm::Mat::rows(data, out_dim, in_dim).t()))
+}
+
 fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
@@ -186,6 +204,16 @@ impl Backend for Cpu {
         tensor(out, &shape)
     }
 
+    fn upload_linear_weight(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Tensor> {
+        if data.len() != out_dim * in_dim {
+            return Err(Error::Backend(format!("a {out_dim}x{in_dim} linear weight of {} values", data.len())));
+        }
+        // (in, out) row-major, seen as its transpose: the (out, in) tensor with strides (1, out)
+        let t = elementwise::transpose(&data, out_dim, in_dim);
+        drop(data);
+        Ok(tensor(t, &[in_dim, out_dim])?.t()?)
+    }
+
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let dims = x.dims();
         let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
@@ -199,14 +227,8 @@ impl Backend for Cpu {
             with_f32(b, |b| out.chunks_mut(out_dim.max(1)).for_each(|r| r.copy_from_slice(b)))?;
         }
         with_f32(x, |x| {
-            with_f32(w, |w| {
-                gemm::gemm(
-                    gemm::MatMut::rows(&mut out, rows, out_dim),
-                    gemm::Mat::rows(x, rows, inner),
-                    gemm::Mat::rows(w, out_dim, inner).t(),
-                    b.is_some(),
-                    gemm::Par::Auto,
-                )
+            with_linear_weight(w, |w| {
+                gemm::gemm(gemm::MatMut::rows(&mut out, rows, out_dim), gemm::Mat::rows(x, rows, inner), w, b.is_some(), gemm::Par::Auto)
             })
         })???;
         let mut shape = dims.to_vec();
@@ -296,5 +318,37 @@ impl Cpu {
         let (n, c, spatial) = (dims[0], dims[1], dims[2..].iter().product());
         let (g, b) = (contiguous_f32(gamma)?, contiguous_f32(beta)?);
         tensor(with_f32(x, |x| norm::group_norm(x, n, c, spatial, groups, &g, &b, eps, silu))??, dims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_reads_transposed_and_row_major_weights_alike() {
+        let (rows, inner, out) = (5, 37, 70);
+        let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+        let w: Vec<f32> = (0..out * inner).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.1).collect();
+        let be = Cpu;
+        let xt = be.upload(x.clone(), &[rows, inner]).unwrap();
+        let plain = be.upload(w.clone(), &[out, inner]).unwrap();
+        let prepared = be.upload_linear_weight(w.clone(), out, inner).unwrap();
+        assert_eq!(prepared.dims(), &[out, inner]);
+        assert_eq!(be.download(&prepared).unwrap(), w, "the prepared weight holds the same values");
+        let bt = be.upload(b.clone(), &[out]).unwrap();
+        let a = be.download(&be.linear(&xt, &plain, Some(&bt)).unwrap()).unwrap();
+        let c = be.download(&be.linear(&xt, &prepared, Some(&bt)).unwrap()).unwrap();
+        for r in 0..rows {
+            for o in 0..out {
+                let want = b[o] as f64 + (0..inner).map(|k| x[r * inner + k] as f64 * w[o * inner + k] as f64).sum::<f64>();
+                for (name, got) in [("row-major", &a), ("transposed", &c)] {
+                    let err = (got[r * out + o] as f64 - want).abs();
+                    assert!(err < 1e-4, "{name} weight at ({r}, {o}): {err}");
+                }
+            }
+        }
+        assert!(be.upload_linear_weight(w, out, inner + 1).unwrap_err().to_string().contains("linear weight"));
     }
 }
