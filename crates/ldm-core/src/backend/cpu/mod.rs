@@ -10,6 +10,7 @@ mod gemm;
 mod math;
 mod norm;
 mod vq;
+mod winograd;
 
 use candle_core::{Device, Storage, Tensor};
 

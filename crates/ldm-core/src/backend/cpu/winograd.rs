@@ -1,0 +1,477 @@
+//! 3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering (Lavin & Gray, "Fast
+//! Algorithms for Convolutional Neural Networks", 2016). Each `a x a` input tile and each 3x3
+//! kernel are transformed to `a x a`; the `a^2` positions are then independent matrix products
+//! `(O x C) (C x tiles)`, and the inverse transform gives an `m x m` output tile.
+//!
+//! Two sizes: F(2x2, 3x3) (`a = 4`, 2.25 times fewer multiplications than the direct product,
+//! transforms that only add, subtract and halve) and F(4x4, 3x3) (`a = 6`, 4 times fewer, with
+//! coefficients up to 8 and 1/24, so it rounds a few times more: the super-resolution cases
+//! against diffusers went from 1.5e-6 to 5.1e-6 at most, against the 1e-4 they allow). The larger
+//! is used where there are enough tiles for its products to be wide; its kernel transform is 4
+//! times the size of the weight (37 MiB for a 512-channel convolution), made on each call and
+//! freed after it.
+//!
+//! The transforms take 16 tiles at a time, their `a x a` values each a vector over the tiles,
+//! so that every input is read once and every output written once.
+
+use rayon::prelude::*;
+
+use super::conv::ConvShape;
+use super::gemm::{gemm, Mat, MatMut, Par};
+use crate::Result;
+
+/// One Winograd size: output tiles `m x m` from input tiles `a x a`, `a = m + 2`.
+pub struct Tiling {
+    m: usize,
+    a: usize,
+    /// `B^T`, `a x a`, row-major. This and `at` are what the explicit transforms ([`bt4`],
+    /// [`bt6`], [`at4`], [`at6`]) compute; the tests hold them to it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    bt: &'static [f32],
+    /// `G`, `a x 3`.
+    g: &'static [f64],
+    /// `A^T`, `m x a`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    at: &'static [f32],
+    /// [`input_lanes`] and [`output_lanes`] compiled for this tiling.
+    input_row: InputRow,
+    output_row: OutputRow,
+}
+
+type InputRow = fn(&[f32], usize, &mut [f32], usize, usize, usize);
+type OutputRow = fn(&[f32], usize, usize, usize, f32, &mut [f32]);
+
+/// F(2x2, 3x3).
+pub static F2: Tiling = Tiling {
+    m: 2,
+    a: 4,
+    #[rustfmt::skip]
+    bt: &[
+        1.0, 0.0, -1.0, 0.0,
+        0.0, 1.0, 1.0, 0.0,
+        0.0, -1.0, 1.0, 0.0,
+        0.0, 1.0, 0.0, -1.0,
+    ],
+    #[rustfmt::skip]
+    g: &[
+        1.0, 0.0, 0.0,
+        0.5, 0.5, 0.5,
+        0.5, -0.5, 0.5,
+        0.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    at: &[
+        1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, -1.0,
+    ],
+    input_row: input_row_f2,
+    output_row: output_row_f2,
+};
+
+/// F(4x4, 3x3), interpolating at 0, 1, -1, 2, -2 and infinity.
+pub static F4: Tiling = Tiling {
+    m: 4,
+    a: 6,
+    #[rustfmt::skip]
+    bt: &[
+        4.0, 0.0, -5.0, 0.0, 1.0, 0.0,
+        0.0, -4.0, -4.0, 1.0, 1.0, 0.0,
+        0.0, 4.0, -4.0, -1.0, 1.0, 0.0,
+        0.0, -2.0, -1.0, 2.0, 1.0, 0.0,
+        0.0, 2.0, -1.0, -2.0, 1.0, 0.0,
+        0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    g: &[
+        1.0 / 4.0, 0.0, 0.0,
+        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0,
+        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
+        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0,
+        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0,
+        0.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    at: &[
+        1.0, 1.0, 1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, 2.0, -2.0, 0.0,
+        0.0, 1.0, 1.0, 4.0, 4.0, 0.0,
+        0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
+    ],
+    input_row: input_row_f4,
+    output_row: output_row_f4,
+};
+
+/// The fewest output tiles (over the batch) for which a tiling is used: below a few hundred the
+/// products are too thin and the kernel transform (made on every call) dominates.
+const MIN_TILES: usize = 256;
+
+/// The tiling for a convolution, if one applies and pays.
+pub fn choose(s: ConvShape) -> Option<&'static Tiling> {
+    if s.kh != 3 || s.kw != 3 || s.stride != 1 || s.padding != 1 {
+        return None;
+    }
+    let tiles = |m: usize| s.n * s.h.div_ceil(m) * s.w.div_ceil(m);
+    [&F4, &F2].into_iter().find(|t| tiles(t.m) >= MIN_TILES)
+}
+
+impl Tiling {
+    /// `U = G g G^T` for every `(o, c)`, stored `(o, a^2, c)`: position `xi`'s `o x c` matrix
+    /// has rows `a^2 c` apart. Each output channel's block is contiguous, so they are made in
+    /// parallel, each position a weighted sum of the nine taps over all input channels at once.
+    fn kernels(&self, weight: &[f32], o: usize, c: usize) -> Vec<f32> {
+        let a = self.a;
+        // coef[xi * 9 + 3 r + s] = G[i][r] G[j][s] for position xi = (i, j)
+        let coef: Vec<f32> = (0..a * a * 9)
+            .map(|t| {
+                let (i, j, r, s) = (t / 9 / a, t / 9 % a, t % 9 / 3, t % 3);
+                (self.g[3 * i + r] * self.g[3 * j + s]) as f32
+            })
+            .collect();
+        let mut u = vec![0f32; o * a * a * c];
+        u.par_chunks_mut(a * a * c)
+            .zip(weight.par_chunks(9 * c))
+            .for_each_init(
+                || vec![0f32; 9 * c],
+                |wt, (uo, wo)| {
+                    // this output channel's kernels, tap-major: wt[tap * c + ci]
+                    for (ci, k) in wo.chunks_exact(9).enumerate() {
+                        for (tap, &val) in k.iter().enumerate() {
+                            wt[tap * c + ci] = val;
+                        }
+                    }
+                    for (xi, dst) in uo.chunks_exact_mut(c).enumerate() {
+                        kernel_position(dst, &coef[xi * 9..xi * 9 + 9], wt, c);
+                    }
+                },
+            );
+        u
+    }
+}
+
+/// `x (n, c, h, w)` convolved with the 3x3 `weight (o, c, 3, 3)`, padding 1, plus `bias`, into
+/// `out (n, o, h, w)`; the transformed tiles of at most about `band_elems` values at a time.
+pub fn conv3x3(
+    t: &Tiling,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    out: &mut [f32],
+    band_elems: usize,
+) -> Result<()> {
+    let (c, o, h, w) = (s.c, s.o, s.h, s.w);
+    let (m, a) = (t.m, t.a);
+    let aa = a * a;
+    let u = t.kernels(weight, o, c);
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
+    // tile rows per band: the transformed input (c, a^2, tiles) and products (o, a^2, tiles)
+    let band = (band_elems / (aa * c.max(o) * tw).max(1)).clamp(1, th);
+    let mut v = vec![0f32; c * aa * band * tw];
+    let mut prod = vec![0f32; o * aa * band * tw];
+    // a padded input row of a tile row, split by column modulo m: phase p holds padded columns
+    // p, p + m, p + 2m, ... (padded column k is input column k - 1)
+    let phase_len = tw + 1;
+    for (img, dst) in x.chunks(c * h * w).zip(out.chunks_mut(o * h * w)) {
+        let mut ty0 = 0;
+        while ty0 < th {
+            let rows = band.min(th - ty0);
+            let tiles = rows * tw;
+            // V = B^T d B for every (c, tile), stored (c, a^2, tiles)
+            v[..c * aa * tiles]
+                .par_chunks_mut(aa * tiles)
+                .zip(img.par_chunks(h * w))
+                .for_each_init(
+                    || vec![0f32; a * m * phase_len],
+                    |phases, (vc, plane)| {
+                        for ty in 0..rows {
+                            for i in 0..a {
+                                let row = &mut phases[i * m * phase_len..(i + 1) * m * phase_len];
+                                row.fill(0.0);
+                                let iy = m * (ty0 + ty) + i;
+                                if iy >= 1 && iy <= h {
+                                    let src = &plane[(iy - 1) * w..iy * w];
+                                    for (p, phase) in row.chunks_exact_mut(phase_len).enumerate() {
+                                        // padded column p + m q is input column p + m q - 1
+                                        let (skip, first) =
+                                            if p == 0 { (m - 1, 1) } else { (p - 1, 0) };
+                                        for (d, &val) in phase[first..]
+                                            .iter_mut()
+                                            .zip(src.iter().skip(skip).step_by(m))
+                                        {
+                                            *d = val;
+                                        }
+                                    }
+                                }
+                            }
+                            (t.input_row)(phases, phase_len, vc, tiles, ty * tw, tw);
+                        }
+                    },
+                );
+            // M_xi = U_xi V_xi for the a^2 positions
+            for xi in 0..aa {
+                let lhs = Mat {
+                    data: &u[xi * c..],
+                    rows: o,
+                    cols: c,
+                    rs: aa * c,
+                    cs: 1,
+                };
+                let rhs = Mat {
+                    data: &v[xi * tiles..c * aa * tiles],
+                    rows: c,
+                    cols: tiles,
+                    rs: aa * tiles,
+                    cs: 1,
+                };
+                let dstm = MatMut {
+                    data: &mut prod[xi * tiles..o * aa * tiles],
+                    rows: o,
+                    cols: tiles,
+                    rs: aa * tiles,
+                    cs: 1,
+                };
+                gemm(dstm, lhs, rhs, false, Par::Auto)?;
+            }
+            // Y = A^T M A, plus the bias, into output rows m ty0 ..
+            dst.par_chunks_mut(h * w)
+                .zip(prod[..o * aa * tiles].par_chunks(aa * tiles))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; m * m * tw],
+                    |out_rows, (oi, (plane, mo))| {
+                        let b = bias.map_or(0.0, |b| b[oi]);
+                        for ty in 0..rows {
+                            (t.output_row)(mo, tiles, ty * tw, tw, b, out_rows);
+                            for i in 0..m {
+                                let y = m * (ty0 + ty) + i;
+                                if y < h {
+                                    plane[y * w..(y + 1) * w]
+                                        .copy_from_slice(&out_rows[i * m * tw..i * m * tw + w]);
+                                }
+                            }
+                        }
+                    },
+                );
+            ty0 += rows;
+        }
+    }
+    Ok(())
+}
+
+/// `dst = src[..dst.len()]`, with a fixed-size copy (no call to memcpy) for whole vectors.
+#[inline(always)]
+fn copy_lanes(dst: &mut [f32], src: &[f32]) {
+    if let (Ok(d), Some(Ok(s))) = (
+        <&mut V>::try_from(&mut *dst),
+        src.get(..L).map(<&V>::try_from),
+    ) {
+        *d = *s;
+    } else {
+        dst.copy_from_slice(&src[..dst.len()]);
+    }
+}
+
+/// Tiles per vector of the transforms: each transform runs on `L` tiles at once, its `a x a`
+/// values in vectors of `L` lanes (a 512-bit register), so that every input is read once and
+/// every output written once.
+const L: usize = 16;
+type V = [f32; L];
+
+/// `B^T d` of F(2x2, 3x3), lane by lane.
+#[inline(always)]
+fn bt4(d: &[V; 4]) -> [V; 4] {
+    let mut r = [[0.0; L]; 4];
+    for l in 0..L {
+        let [d0, d1, d2, d3] = [d[0][l], d[1][l], d[2][l], d[3][l]];
+        r[0][l] = d0 - d2;
+        r[1][l] = d1 + d2;
+        r[2][l] = d2 - d1;
+        r[3][l] = d1 - d3;
+    }
+    r
+}
+
+/// `A^T m` of F(2x2, 3x3).
+#[inline(always)]
+fn at4(m: &[V; 4]) -> [V; 2] {
+    let mut y = [[0.0; L]; 2];
+    for l in 0..L {
+        let [m0, m1, m2, m3] = [m[0][l], m[1][l], m[2][l], m[3][l]];
+        y[0][l] = m0 + m1 + m2;
+        y[1][l] = m1 - m2 - m3;
+    }
+    y
+}
+
+/// `B^T d` of F(4x4, 3x3).
+#[inline(always)]
+fn bt6(d: &[V; 6]) -> [V; 6] {
+    let mut r = [[0.0; L]; 6];
+    for l in 0..L {
+        let [d0, d1, d2, d3, d4, d5] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]];
+        r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+        r[1][l] = (d3 + d4) - 4.0 * (d1 + d2);
+        r[2][l] = (d4 - d3) + 4.0 * (d1 - d2);
+        r[3][l] = (d4 - d2) + 2.0 * (d3 - d1);
+        r[4][l] = (d4 - d2) + 2.0 * (d1 - d3);
+        r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    r
+}
+
+/// `A^T m` of F(4x4, 3x3).
+#[inline(always)]
+fn at6(m: &[V; 6]) -> [V; 4] {
+    let mut y = [[0.0; L]; 4];
+    for l in 0..L {
+        let (sum, diff) = (m[1][l] + m[2][l], m[1][l] - m[2][l]);
+        let (sum2, diff2) = (m[3][l] + m[4][l], m[3][l] - m[4][l]);
+        y[0][l] = m[0][l] + sum + sum2;
+        y[1][l] = diff + 2.0 * diff2;
+        y[2][l] = sum + 4.0 * sum2;
+        y[3][l] = diff + 8.0 * diff2 + m[5][l];
+    }
+    y
+}
+
+/// The input transform of one row of `tw` tiles. `phases` holds the tile row's `A` padded input
+/// rows, each split into `M` phases of `phase_len` values. Writes `V[xi][tx]` to
+/// `v[xi * tiles + toff + tx]`.
+#[inline(always)]
+fn input_lanes<const M: usize, const A: usize>(
+    bt: impl Fn(&[V; A]) -> [V; A],
+    phases: &[f32],
+    phase_len: usize,
+    v: &mut [f32],
+    tiles: usize,
+    toff: usize,
+    tw: usize,
+) {
+    let mut tx0 = 0;
+    while tx0 < tw {
+        let n = L.min(tw - tx0);
+        // r[j] = B^T of tap column j: r[j][i] is (B^T d)[i][j]
+        let mut r = [[[0f32; L]; A]; A];
+        for (j, rj) in r.iter_mut().enumerate() {
+            let mut col = [[0f32; L]; A];
+            for (i, ci) in col.iter_mut().enumerate() {
+                let start = (i * M + j % M) * phase_len + j / M + tx0;
+                copy_lanes(&mut ci[..n], &phases[start..start + n]);
+            }
+            *rj = bt(&col);
+        }
+        // V[i][.] = B^T of row i of (B^T d)
+        for i in 0..A {
+            let row: [V; A] = std::array::from_fn(|j| r[j][i]);
+            for (l, vl) in bt(&row).iter().enumerate() {
+                let at = (i * A + l) * tiles + toff + tx0;
+                copy_lanes(&mut v[at..at + n], &vl[..n]);
+            }
+        }
+        tx0 += L;
+    }
+}
+
+/// The output transform of one row of `tw` tiles: `out` receives the `M` output rows (`M tw`
+/// values each), `A^T P A + bias` of the products `P[xi][tx]` at `prod[xi * tiles + toff + tx]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_lanes<const M: usize, const A: usize>(
+    at: impl Fn(&[V; A]) -> [V; M],
+    prod: &[f32],
+    tiles: usize,
+    toff: usize,
+    tw: usize,
+    bias: f32,
+    out: &mut [f32],
+) {
+    let mut tx0 = 0;
+    while tx0 < tw {
+        let n = L.min(tw - tx0);
+        // p[j][i] is (A^T P)[i][j]
+        let mut p = [[[0f32; L]; M]; A];
+        for (j, pj) in p.iter_mut().enumerate() {
+            let col: [V; A] = std::array::from_fn(|k| {
+                let mut c = [0f32; L];
+                let start = (k * A + j) * tiles + toff + tx0;
+                copy_lanes(&mut c[..n], &prod[start..start + n]);
+                c
+            });
+            *pj = at(&col);
+        }
+        for i in 0..M {
+            let row: [V; A] = std::array::from_fn(|j| p[j][i]);
+            let y = at(&row);
+            let dst = &mut out[i * M * tw + tx0 * M..i * M * tw + (tx0 + n) * M];
+            for (lane, px) in dst.chunks_exact_mut(M).enumerate() {
+                for (l, d) in px.iter_mut().enumerate() {
+                    *d = y[l][lane] + bias;
+                }
+            }
+        }
+        tx0 += L;
+    }
+}
+
+macro_rules! per_tiling {
+    ($($input:ident, $output:ident, $m:literal, $a:literal, $bt:ident, $at:ident;)*) => {$(
+        crate::backend::cpu::math::dispatch! {
+            fn $input(phases: &[f32], phase_len: usize, v: &mut [f32], tiles: usize, toff: usize, tw: usize) {
+                input_lanes::<$m, $a>($bt, phases, phase_len, v, tiles, toff, tw)
+            }
+        }
+        crate::backend::cpu::math::dispatch! {
+            fn $output(prod: &[f32], tiles: usize, toff: usize, tw: usize, bias: f32, out: &mut [f32]) {
+                output_lanes::<$m, $a>($at, prod, tiles, toff, tw, bias, out)
+            }
+        }
+    )*};
+}
+
+per_tiling! {
+    input_row_f2, output_row_f2, 2, 4, bt4, at4;
+    input_row_f4, output_row_f4, 4, 6, bt6, at6;
+}
+
+crate::backend::cpu::math::dispatch! {
+    /// `dst[ci] = sum_tap coef[tap] * wt[tap * c + ci]`: one position of the kernel transform for
+    /// every input channel.
+    fn kernel_position(dst: &mut [f32], coef: &[f32], wt: &[f32], c: usize) {
+        dst.fill(0.0);
+        for (tap, &cf) in coef.iter().enumerate() {
+            for (d, &w) in dst.iter_mut().zip(&wt[tap * c..(tap + 1) * c]) {
+                *d += cf * w;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The explicit transforms are the tilings' matrices.
+    #[test]
+    fn transforms_are_the_matrices() {
+        fn check<const A: usize, const M: usize>(
+            t: &Tiling,
+            bt: fn(&[V; A]) -> [V; A],
+            at: fn(&[V; A]) -> [V; M],
+        ) {
+            for k in 0..A {
+                // the unit vector e_k in lane 0 picks column k of each matrix
+                let mut e = [[0f32; L]; A];
+                e[k][0] = 1.0;
+                let (b, y) = (bt(&e), at(&e));
+                for i in 0..A {
+                    assert_eq!(b[i][0], t.bt[i * A + k], "B^T[{i}][{k}] of F({}, 3)", t.m);
+                }
+                for i in 0..M {
+                    assert_eq!(y[i][0], t.at[i * A + k], "A^T[{i}][{k}] of F({}, 3)", t.m);
+                }
+            }
+        }
+        check::<4, 2>(&F2, bt4, at4);
+        check::<6, 4>(&F4, bt6, at6);
+    }
+}
