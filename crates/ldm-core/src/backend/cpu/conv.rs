@@ -50,6 +50,9 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> 
 
 fn conv2d_banded(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape, band_elems: usize) -> Result<Vec<f32>> {
     let (oh, ow) = s.out_hw()?;
+    if s.c * s.h * s.w == 0 {
+        return Err(Error::Backend(format!("conv2d: empty input planes in {s:?}")));
+    }
     let k = s.c * s.kh * s.kw;
     if x.len() != s.n * s.c * s.h * s.w || weight.len() != s.o * k || bias.is_some_and(|b| b.len() != s.o) {
         return Err(Error::Backend(format!("conv2d: buffer sizes do not match {s:?}")));
@@ -177,6 +180,13 @@ mod tests {
         assert!(std::ptr::eq(winograd::choose(big).unwrap(), &winograd::F4));
         assert!(std::ptr::eq(winograd::choose(ConvShape { h: 32, w: 32, ..big }).unwrap(), &winograd::F2));
         assert!(winograd::choose(ConvShape { h: 16, w: 16, ..big }).is_none());
+        // no channels: the banded product (bias only), not a tiling
+        // no channels, or empty planes: refused, not a panic
+        assert!(winograd::choose(ConvShape { c: 0, ..big }).is_none());
+        let e = conv2d(&[], &[], None, ConvShape { c: 0, ..big }).unwrap_err();
+        assert!(e.to_string().contains("empty input"), "{e}");
+        let e = conv2d(&[], &[0.0; 36], None, ConvShape { h: 0, padding: 2, ..big }).unwrap_err();
+        assert!(e.to_string().contains("empty input"), "{e}");
     }
 
     #[test]

@@ -107,7 +107,7 @@ const MIN_TILES: usize = 256;
 
 /// The tiling for a convolution, if one applies and pays.
 pub fn choose(s: ConvShape) -> Option<&'static Tiling> {
-    if s.kh != 3 || s.kw != 3 || s.stride != 1 || s.padding != 1 {
+    if s.kh != 3 || s.kw != 3 || s.stride != 1 || s.padding != 1 || s.c == 0 || s.o == 0 {
         return None;
     }
     let tiles = |m: usize| s.n * s.h.div_ceil(m) * s.w.div_ceil(m);
