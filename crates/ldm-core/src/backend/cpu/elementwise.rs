@@ -76,8 +76,8 @@ pub fn upsample_nearest(x: &[f32], planes: usize, h: usize, w: usize, oh: usize,
     out
 }
 
-/// The transpose of the row-major `rows x cols` matrix `a`, in square blocks (so that reads and
-/// writes both stay within a few cache lines), the block rows in parallel.
+/// The transpose of the row-major `rows x cols` matrix `a`, in blocks (so that reads and writes
+/// both stay within a few cache lines), each task `B` rows of the result.
 pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const B: usize = 32;
     let mut out = vec![0f32; rows * cols];
@@ -88,11 +88,13 @@ pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out.par_chunks_mut(B * rows).enumerate().for_each(|(bj, dst)| {
         let c0 = bj * B;
         let nc = dst.len() / rows;
-        for r0 in (0..rows).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                let src = &a[r * cols + c0..r * cols + c0 + nc];
-                for (j, &v) in src.iter().enumerate() {
-                    dst[j * rows + r] = v;
+        // 16 rows of a at a time: each output row gets a contiguous run of 16 (one cache line),
+        // read from a 16 x B block that stays in L1
+        for r0 in (0..rows).step_by(16) {
+            let nr = 16.min(rows - r0);
+            for j in 0..nc {
+                for (i, v) in dst[j * rows + r0..j * rows + r0 + nr].iter_mut().enumerate() {
+                    *v = a[(r0 + i) * cols + c0 + j];
                 }
             }
         }
