@@ -168,8 +168,7 @@ pub fn conv3x3(
     let band = (band_elems / (aa * c.max(o) * tw).max(1)).clamp(1, th);
     let mut v = vec![0f32; c * aa * band * tw];
     let mut prod = vec![0f32; o * aa * band * tw];
-    // a padded input row of a tile row, split by column modulo m: phase p holds padded columns
-    // p, p + m, p + 2m, ... (padded column k is input column k - 1)
+    // the a padded input rows of a tile row, each split into m phases (split_phases)
     let phase_len = tw + 1;
     for (img, dst) in x.chunks(c * h * w).zip(out.chunks_mut(o * h * w)) {
         let mut ty0 = 0;
@@ -184,24 +183,12 @@ pub fn conv3x3(
                     || vec![0f32; a * m * phase_len],
                     |phases, (vc, plane)| {
                         for ty in 0..rows {
-                            for i in 0..a {
-                                let row = &mut phases[i * m * phase_len..(i + 1) * m * phase_len];
-                                row.fill(0.0);
+                            for (i, row) in phases.chunks_exact_mut(m * phase_len).enumerate() {
+                                // padded row iy is input row iy - 1
                                 let iy = m * (ty0 + ty) + i;
-                                if iy >= 1 && iy <= h {
-                                    let src = &plane[(iy - 1) * w..iy * w];
-                                    for (p, phase) in row.chunks_exact_mut(phase_len).enumerate() {
-                                        // padded column p + m q is input column p + m q - 1
-                                        let (skip, first) =
-                                            if p == 0 { (m - 1, 1) } else { (p - 1, 0) };
-                                        for (d, &val) in phase[first..]
-                                            .iter_mut()
-                                            .zip(src.iter().skip(skip).step_by(m))
-                                        {
-                                            *d = val;
-                                        }
-                                    }
-                                }
+                                let src =
+                                    (iy >= 1 && iy <= h).then(|| &plane[(iy - 1) * w..iy * w]);
+                                split_phases(row, src, m, phase_len);
                             }
                             (t.input_row)(phases, phase_len, vc, tiles, ty * tw, tw);
                         }
@@ -256,6 +243,22 @@ pub fn conv3x3(
         }
     }
     Ok(())
+}
+
+/// One padded input row (`None`: a padding row) split by column modulo `m` into `row`: phase `p`
+/// holds padded columns `p, p + m, p + 2m, ...`, padded column `k` being input column `k - 1`.
+fn split_phases(row: &mut [f32], src: Option<&[f32]>, m: usize, phase_len: usize) {
+    row.fill(0.0);
+    let Some(src) = src else { return };
+    for (p, phase) in row.chunks_exact_mut(phase_len).enumerate() {
+        let (skip, first) = if p == 0 { (m - 1, 1) } else { (p - 1, 0) };
+        for (d, &val) in phase[first..]
+            .iter_mut()
+            .zip(src.iter().skip(skip).step_by(m))
+        {
+            *d = val;
+        }
+    }
 }
 
 /// `dst = src[..dst.len()]`, with a fixed-size copy (no call to memcpy) for whole vectors.
