@@ -32,7 +32,12 @@ fi
 # every kernel, every model, the shared cases.
 # `cargo build` first: it also links libldm.so/libldm.a, which `cargo test` does not make and the C
 # ABI tests need; with the same packages, targets and features, `cargo test` reuses everything.
+# No incremental state: a one-off build does not need it and it costs disk. The free space is
+# printed before and after, so that a build that runs out of disk says so.
+export CARGO_INCREMENTAL=0
+df -h . >&2 || true
 cargo build --workspace --all-targets --features ldm-core/webgpu --locked
+df -h . >&2 || true
 cargo test --workspace --all-targets --features ldm-core/webgpu --locked
 # The browser: ldm-wasm's JavaScript API on WebGPU and on the CPU fallback (the shared cases,
 # hostile input, abort) and the demo page, in headless chromium.
