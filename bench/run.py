@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed runs of each model call")
     ap.add_argument("--whole-repeat", type=int, default=3, help="timed runs of each whole pipeline run")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time ldm with bf16 linear weights (ldm bench --precision bf16), as extra columns")
     # the child side
     ap.add_argument("--torch", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -174,9 +176,15 @@ def main() -> None:
                         "--repeat", str(repeat), "--warmup", str(warmup)], env)
         row = {"workload": name, "ours": ours, "diffusers": theirs, "weights_bytes": weights,
                "ratio": ours["median_s"] / theirs["median_s"]}
+        if args.bf16:
+            row["ours_bf16"] = measure([args.ldm, "bench", "--model", str(folder), "--workload", name, "--threads",
+                                        str(args.threads), "--repeat", str(repeat), "--warmup", str(warmup),
+                                        "--precision", "bf16"], env)
+            row["ratio_bf16"] = row["ours_bf16"]["median_s"] / theirs["median_s"]
         rows.append(row)
         print(f"{name}: ours {ours['median_s']:.3f}s diffusers {theirs['median_s']:.3f}s "
-              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+              f"ratio {row['ratio']:.2f}" + (f" bf16 ratio {row['ratio_bf16']:.2f}" if args.bf16 else ""),
+              file=sys.stderr, flush=True)
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -185,13 +193,19 @@ def main() -> None:
         pass
     torch_version = rows[0]["diffusers"].get("torch", "?") if rows else "?"
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; torch {torch_version}")
-    print("| workload | ldm (s) | diffusers (s) | ratio | ldm peak (GiB) | diffusers peak (GiB) | weights (GiB) | ldm peak / weights |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = " ldm bf16 (s) | bf16 ratio | ldm bf16 peak (GiB) |" if args.bf16 else ""
+    print("| workload | ldm (s) | diffusers (s) | ratio | ldm peak (GiB) | diffusers peak (GiB) | weights (GiB) | "
+          "ldm peak / weights |" + extra)
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.bf16 else ""))
     for r in rows:
         o, d = r["ours"], r["diffusers"]
-        print(f"| {r['workload']} | {o['median_s']:.3f} | {d['median_s']:.3f} | {r['ratio']:.2f} | "
-              f"{gib(o['peak_rss_bytes_wait4'])} | {gib(d['peak_rss_bytes_wait4'])} | {gib(r['weights_bytes'])} | "
-              f"{o['peak_rss_bytes_wait4'] / r['weights_bytes']:.2f} |")
+        line = (f"| {r['workload']} | {o['median_s']:.3f} | {d['median_s']:.3f} | {r['ratio']:.2f} | "
+                f"{gib(o['peak_rss_bytes_wait4'])} | {gib(d['peak_rss_bytes_wait4'])} | {gib(r['weights_bytes'])} | "
+                f"{o['peak_rss_bytes_wait4'] / r['weights_bytes']:.2f} |")
+        if args.bf16:
+            b = r["ours_bf16"]
+            line += f" {b['median_s']:.3f} | {r['ratio_bf16']:.2f} | {gib(b['peak_rss_bytes_wait4'])} |"
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu, "threads": args.threads, "rows": rows}, indent=1) + "\n")
 

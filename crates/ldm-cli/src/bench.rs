@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 use ldm_core::bench::{prepare, Workload};
 use ldm_core::backend::cpu::Cpu;
+use ldm_core::pipelines::Precision;
 use ldm_core::Result;
 
 /// `ldm bench`: time a model call or a whole run.
@@ -29,6 +30,9 @@ pub struct BenchArgs {
     /// CPU threads; 0 (the default) uses every core.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
+    /// Linear layers' weights: f32 or bf16 (as `ldm txt2img --precision`).
+    #[arg(long, value_name = "P", default_value = "f32")]
+    pub precision: String,
 }
 
 /// The peak resident memory of this process so far (`VmHWM`), where the system tells it.
@@ -45,7 +49,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let threads = ldm_core::threads::Threads::new(a.threads)?;
     let t = Instant::now();
-    let job = threads.run(|| prepare(workload, &a.model, &Cpu))?;
+    let backend = match Precision::parse(&a.precision)? {
+        Precision::F32 => Cpu::new(),
+        Precision::Bf16 => Cpu::with_bf16_linear(),
+    };
+    let job = threads.run(|| prepare(workload, &a.model, &backend))?;
     let load_s = t.elapsed().as_secs_f64();
     let mut times = Vec::with_capacity(a.repeat);
     for i in 0..a.warmup + a.repeat {
@@ -63,6 +71,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let report = serde_json::json!({
         "workload": workload.name(),
         "threads": if a.threads == 0 { rayon_threads() } else { a.threads },
+        "precision": a.precision,
         "load_s": load_s,
         "times_s": times,
         "median_s": sorted[sorted.len() / 2],

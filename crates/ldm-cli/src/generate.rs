@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use ldm_core::pipelines::{AnyPipeline, Device, Progress, Stage, SuperResParams, Txt2ImgParams};
+use ldm_core::pipelines::{AnyPipeline, Device, Precision, Progress, Stage, SuperResParams, Txt2ImgParams};
 use ldm_core::{Error, Result};
 
 use crate::output;
@@ -43,6 +43,10 @@ pub struct Common {
     /// CPU threads for this run; 0 (the default) uses every core.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
+    /// Linear layers' weights on the CPU: f32 (diffusers' numbers), or bf16 (half their memory,
+    /// faster on CPUs with AVX512-BF16, slightly different images; see the README).
+    #[arg(long, value_name = "P", default_value = "f32")]
+    pub precision: String,
 }
 
 /// `ldm txt2img`: images from text prompts.
@@ -129,9 +133,10 @@ fn model_spec(common: &Common, shipped: Shipped) -> Result<String> {
 
 fn load(common: &Common, model: &str) -> Result<AnyPipeline> {
     let device = Device::parse(&common.device)?;
+    let precision = Precision::parse(&common.precision)?;
     output::check_target(&common.output)?;
     let dir = crate::resolve_model(model)?;
-    AnyPipeline::load_folder(&dir, device)
+    AnyPipeline::load_folder_with(&dir, device, precision)
 }
 
 pub fn txt2img(a: &Txt2ImgArgs) -> Result<()> {

@@ -76,6 +76,15 @@ int main(int argc, char **argv) {
     o.cache_dir = "\xc3\x28";
     s = ldm_pipeline_load(txt2img_model, &o, &q);
     expect("load cache_dir not UTF-8", s, LDM_ERR_INVALID_ARGUMENT, "options->cache_dir is not valid UTF-8", q);
+    o = ldm_load_options_default();
+    o.precision = 9;
+    s = ldm_pipeline_load(txt2img_model, &o, &q);
+    expect("load precision 9", s, LDM_ERR_INVALID_ARGUMENT, "options->precision is 9", q);
+    o = ldm_load_options_default();
+    o.precision = LDM_PRECISION_BF16;
+    o.device = LDM_DEVICE_GPU;
+    s = ldm_pipeline_load(txt2img_model, &o, &q);
+    expect("load bf16 on the GPU", s, LDM_ERR_INVALID_ARGUMENT, "needs options->device LDM_DEVICE_CPU", q);
 
     o = ldm_load_options_default();
     o.offline = 1;

@@ -34,9 +34,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn upload_weight(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
         self.upload(data, shape)
     }
-    /// Uploads the weight `(out, in)` of a linear layer, row-major in `data`. The tensor has that
-    /// shape and those values; a backend may lay it out in memory as its `linear` reads it
-    /// fastest (the CPU backend keeps it transposed). Defaults to `upload_weight`.
+    /// Uploads the weight `(out, in)` of a linear layer, row-major in `data`, for `linear` alone.
+    /// A backend may lay it out in memory as its `linear` reads it fastest (the CPU backend keeps
+    /// it transposed, or packed as bf16 when asked to: then it has neither that shape nor exactly
+    /// those values). Defaults to `upload_weight`.
     fn upload_linear_weight(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Self::Tensor> {
         self.upload_weight(data, &[out_dim, in_dim])
     }

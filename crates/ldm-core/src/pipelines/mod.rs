@@ -19,7 +19,7 @@ use crate::nn::Weights;
 use crate::schedulers::{self, Scheduler};
 use crate::{Error, Result};
 
-pub use device::{AnyPipeline, Device};
+pub use device::{AnyPipeline, Device, Precision};
 pub use superres::{SuperResParams, SuperResolution};
 pub use txt2img::{TextToImage, Txt2ImgParams};
 

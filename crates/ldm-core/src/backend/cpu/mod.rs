@@ -4,6 +4,7 @@
 //! current rayon pool (so `threads::Threads` bounds them). The rest is candle's.
 
 mod attention;
+pub mod bf16;
 mod conv;
 mod elementwise;
 mod gemm;
@@ -12,7 +13,7 @@ mod norm;
 mod vq;
 mod winograd;
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use super::Backend;
 use crate::{Error, Result};
@@ -71,14 +72,56 @@ fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// candle on the CPU. Cheap to clone.
+/// candle on the CPU, with f32 weights. Cheap to clone.
 #[derive(Clone, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    /// Whether linear layers' weights are kept as bf16 ([`bf16`]).
+    bf16_linear: bool,
+}
+
+/// The CPU backend with f32 weights, as a value: `&Cpu` wherever a backend is asked for.
+#[allow(non_upper_case_globals)]
+pub const Cpu: Cpu = Cpu { bf16_linear: false };
 
 impl Cpu {
+    /// f32 weights throughout.
     pub fn new() -> Self {
         Cpu
     }
+
+    /// Linear layers' weights kept as bf16 and multiplied in bf16 with f32 sums (half their
+    /// memory; about 1.5-2x faster products on CPUs with AVX512-BF16, slower elsewhere).
+    /// Convolutions, norms and attention stay f32.
+    pub fn with_bf16_linear() -> Self {
+        Cpu { bf16_linear: true }
+    }
+
+    /// Whether linear layers' weights are bf16.
+    pub fn bf16_linear(&self) -> bool {
+        self.bf16_linear
+    }
+}
+
+/// `x w^T (+ b)` for a weight packed by [`bf16::pack`], a bf16 tensor `(out / NR, in / 2, 2 NR)`.
+fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (panels, pairs, width) = w.dims3()?;
+    let (out_dim, in_dim) = (panels * bf16::NR, pairs * 2);
+    let dims = x.dims();
+    if width != 2 * bf16::NR || dims.last() != Some(&in_dim) {
+        return Err(Error::Backend(format!("linear: a bf16 weight of {:?} for input {dims:?}", w.dims())));
+    }
+    let w = if w.is_contiguous() { w.clone() } else { w.contiguous()? };
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Backend("a CPU kernel was given a tensor that is not on the CPU".into()));
+    };
+    let packed = &cpu.as_slice::<half::bf16>()?[layout.start_offset()..][..out_dim * in_dim];
+    let mut out = vec![0f32; x.elem_count() / in_dim * out_dim];
+    let bias = b.map(contiguous_f32).transpose()?;
+    with_f32(x, |x| bf16::linear(&mut out, x, packed, bias.as_deref(), in_dim, out_dim))??;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap_or(&mut 0) = out_dim;
+    tensor(out, &shape)
 }
 
 fn contiguous_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -209,6 +252,12 @@ impl Backend for Cpu {
         if data.len() != out_dim * in_dim {
             return Err(Error::Backend(format!("a {out_dim}x{in_dim} linear weight of {} values", data.len())));
         }
+        if self.bf16_linear && bf16::packable(out_dim, in_dim) {
+            let packed = bf16::pack(&data, out_dim, in_dim)?;
+            drop(data);
+            let shape = [out_dim / bf16::NR, in_dim / 2, 2 * bf16::NR];
+            return Ok(Tensor::from_vec(packed, &shape[..], &Device::Cpu)?);
+        }
         // (in, out) row-major, seen as its transpose: the (out, in) tensor with strides (1, out)
         let t = elementwise::transpose(&data, out_dim, in_dim);
         drop(data);
@@ -216,6 +265,9 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        if w.dtype() == DType::BF16 {
+            return linear_bf16(x, w, b);
+        }
         let dims = x.dims();
         let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
         let wd = w.dims();
@@ -351,5 +403,34 @@ mod tests {
             }
         }
         assert!(be.upload_linear_weight(w, out, inner + 1).unwrap_err().to_string().contains("linear weight"));
+    }
+
+    #[test]
+    fn bf16_linear_weights_are_packed_where_they_can_be() {
+        let (rows, inner) = (7, 40);
+        let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+        let be = Cpu::with_bf16_linear();
+        for out in [64, 70] {
+            let w: Vec<f32> = (0..out * inner).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
+            let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.1).collect();
+            let prepared = be.upload_linear_weight(w.clone(), out, inner).unwrap();
+            // 70 outputs are not a multiple of the panel width: that weight stays f32
+            assert_eq!(prepared.dtype() == DType::BF16, out == 64, "{out}");
+            let xt = be.upload(x.clone(), &[1, rows, inner]).unwrap();
+            let bt = be.upload(b.clone(), &[out]).unwrap();
+            let y = be.linear(&xt, &prepared, Some(&bt)).unwrap();
+            assert_eq!(y.dims(), &[1, rows, out]);
+            let y = be.download(&y).unwrap();
+            let round = |v: f32| if out == 64 { f32::from_bits((bf16::round(v) as u32) << 16) } else { v };
+            for r in 0..rows {
+                for o in 0..out {
+                    let want = b[o] as f64
+                        + (0..inner).map(|k| round(x[r * inner + k]) as f64 * round(w[o * inner + k]) as f64).sum::<f64>();
+                    assert!((y[r * out + o] as f64 - want).abs() < 1e-4, "({r}, {o}) of {out}");
+                }
+            }
+            let wrong = be.upload(x.clone(), &[rows, inner / 2, 2]).unwrap();
+            assert!(be.linear(&wrong, &prepared, None).is_err());
+        }
     }
 }
