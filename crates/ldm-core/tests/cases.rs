@@ -142,11 +142,12 @@ fn bf16_linear_weights_stay_close_to_diffusers() {
     assert!(worst_max <= BF16_MAX && worst_mean <= BF16_MEAN, "bf16: max {worst_max:e}, mean {worst_mean:e}");
 }
 
-/// Bounds of the bf16 images' errors, pixels in [0, 1]: about 3x what was measured when the
-/// bf16 path was written (mean abs error at most 9.7e-4; max 1.6e-1, on a few pixels of the
-/// DPM-Solver++ super-resolution, 1.4e-2 on the shipped text-to-image model). A broken bf16
-/// product gives errors of the size of the image.
-const BF16_MAX: f32 = 0.3;
+/// Bounds of the bf16 images' errors, pixels in [0, 1]. Measured: mean abs error at most 1.3e-3;
+/// max 1.6e-1 (AVX512-BF16) to 3.0e-1 (AMX, whose sums run in another order) on a few pixels of
+/// the tiny super-resolution models with noise (`superres-resize-eta`, `superres-dpmpp`), 1.2e-2
+/// on the shipped text-to-image model. The mean is bounded at about 2x what was measured, the
+/// max at 2x the AMX one. A broken bf16 product gives errors of the size of the image.
+const BF16_MAX: f32 = 0.6;
 const BF16_MEAN: f32 = 3e-3;
 
 #[test]

@@ -1,6 +1,7 @@
 //! Linear layers with bfloat16 weights: `x W^T` with both operands rounded to bf16 and the
-//! products summed in f32, on AVX512-BF16 (`vdpbf16ps`, two products per f32 lane per
-//! instruction) where the CPU has it, else on a portable loop with the same arithmetic.
+//! products summed in f32, on Intel AMX (`tdpbf16ps`, [`super::amx`]) where the CPU has it, on
+//! AVX512-BF16 (`vdpbf16ps`, two products per f32 lane per instruction) else, and on a portable
+//! loop with the same arithmetic elsewhere ([`Kernel`]).
 //!
 //! A weight `w (out, in)` is packed once, at load, into panels of [`NR`] output columns: for
 //! each pair of input positions `(2q, 2q + 1)`, the panel holds the [`NR`] columns' two values
@@ -103,12 +104,62 @@ pub fn linear(
             out.len()
         )));
     }
+    linear_on(kernel(), out, x, w, bias, in_dim, out_dim);
+    Ok(())
+}
+
+/// Which instructions the products run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Intel AMX tiles (`tdpbf16ps`), for inputs whose width is a multiple of 32; others on
+    /// [`Kernel::Avx512`].
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`).
+    Avx512,
+    /// Plain loops.
+    Portable,
+}
+
+/// The fastest kernel this CPU (and OS, for AMX) allows.
+pub fn kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if native() {
+        return if super::amx::available() { Kernel::Amx } else { Kernel::Avx512 };
+    }
+    Kernel::Portable
+}
+
+/// The kernels this machine can run, fastest first (tests run each).
+pub fn kernels() -> Vec<Kernel> {
+    match kernel() {
+        Kernel::Amx => vec![Kernel::Amx, Kernel::Avx512, Kernel::Portable],
+        Kernel::Avx512 => vec![Kernel::Avx512, Kernel::Portable],
+        Kernel::Portable => vec![Kernel::Portable],
+    }
+}
+
+/// [`linear`] on a chosen kernel, which must be one of [`kernels`]; the shapes are checked.
+fn linear_on(
+    kernel: Kernel,
+    out: &mut [f32],
+    x: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let rows = x.len() / in_dim;
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx && in_dim.is_multiple_of(2 * super::amx::PAIRS) {
+        linear_amx(out, x, w, bias, in_dim, out_dim);
+        return;
+    }
     let (a, pairs) = (pairs_of(x, in_dim), in_dim / 2);
     // SAFETY (of the raw writes below): every task writes its own rows x columns rectangle.
     let dst = SendPtr(out.as_mut_ptr());
     let panels = out_dim / NR;
     let row_tasks = rows.div_ceil(MC);
-    let native = native();
+    let native = kernel != Kernel::Portable;
     let task = |t: usize| {
         let (p, rc) = (t % panels, t / panels);
         let panel = &w[p * pairs * 2 * NR..][..pairs * 2 * NR];
@@ -134,13 +185,56 @@ pub fn linear(
             }
         }
     };
-    let tasks = panels * row_tasks;
-    if rows * out_dim * in_dim >= PARALLEL_MIN && rayon::current_num_threads() > 1 {
+    run_tasks(panels * row_tasks, rows * out_dim * in_dim, task);
+}
+
+/// Tasks `0..tasks` on the thread pool, or on this thread for small products.
+fn run_tasks(tasks: usize, work: usize, task: impl Fn(usize) + Sync + Send) {
+    if work >= PARALLEL_MIN && rayon::current_num_threads() > 1 {
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
     }
-    Ok(())
+}
+
+/// Row blocks of [`super::amx::ROWS`] per AMX task: a task reads its panel once for up to 192 rows.
+#[cfg(target_arch = "x86_64")]
+const AMX_BLOCKS: usize = 6;
+
+/// [`linear`] on AMX tiles, for `in_dim` a multiple of 32: the input is padded with zero rows to
+/// whole blocks, each block's 32 x 32 sums land in a scratch tile and are copied out with the bias.
+#[cfg(target_arch = "x86_64")]
+fn linear_amx(out: &mut [f32], x: &[f32], w: &[bf16], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) {
+    use super::amx::{Tiles, PAIRS, ROWS};
+    let (rows, pairs) = (x.len() / in_dim, in_dim / 2);
+    let blocks = rows.div_ceil(ROWS);
+    let mut a = pairs_of(x, in_dim);
+    a.resize(blocks * ROWS * pairs, 0);
+    let dst = SendPtr(out.as_mut_ptr());
+    let panels = out_dim / NR;
+    let task = |t: usize| {
+        let (p, rc) = (t % panels, t / panels);
+        let panel = &w[p * pairs * 2 * NR..][..pairs * 2 * NR];
+        let Some(mut tiles) = Tiles::new() else {
+            unreachable!("the AMX kernel is chosen only where `amx::available`")
+        };
+        let mut sums = [0f32; ROWS * NR];
+        for blk in rc * AMX_BLOCKS..(rc * AMX_BLOCKS + AMX_BLOCKS).min(blocks) {
+            let i = blk * ROWS;
+            tiles.block(&a[i * pairs..], pairs, panel, pairs / PAIRS, &mut sums);
+            for r in 0..ROWS.min(rows - i) {
+                // SAFETY: row i + r < rows and columns p NR.. p NR + NR lie inside `out` (checked
+                // by `linear`) and belong to this task alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add((i + r) * out_dim + p * NR), NR) };
+                let s = &sums[r * NR..][..NR];
+                match bias {
+                    Some(b) => row.iter_mut().zip(s).zip(&b[p * NR..][..NR]).for_each(|((o, s), b)| *o = s + b),
+                    None => row.copy_from_slice(s),
+                }
+            }
+        }
+    };
+    run_tasks(panels * blocks.div_ceil(AMX_BLOCKS), rows * out_dim * in_dim, task);
 }
 
 /// Whether this CPU has AVX512-BF16, which the fast kernel needs.
@@ -327,16 +421,16 @@ mod tests {
     #[test]
     fn products_are_those_of_the_rounded_operands() {
         // rows that are not a multiple of MR or MC, pairs that are not a multiple of KC
-        for (rows, in_dim, out_dim) in [(1, 2, 32), (13, 300, 64), (154, 262, 96), (97, 40, 32)] {
+        for (rows, in_dim, out_dim) in [(1, 2, 32), (13, 300, 64), (154, 262, 96), (97, 40, 32), (1, 32, 32), (154, 320, 96), (64, 1024, 64)] {
             let (x, w, bias) = (
                 values(rows * in_dim, 1),
                 values(out_dim * in_dim, 2),
                 values(out_dim, 3),
             );
             let packed = pack(&w, out_dim, in_dim).unwrap();
-            for b in [None, Some(&bias[..])] {
+            for (kernel, b) in kernels().into_iter().flat_map(|k| [(k, None), (k, Some(&bias[..]))]) {
                 let mut out = vec![f32::NAN; rows * out_dim];
-                linear(&mut out, &x, &packed, b, in_dim, out_dim).unwrap();
+                linear_on(kernel, &mut out, &x, &packed, b, in_dim, out_dim);
                 for r in 0..rows {
                     for o in 0..out_dim {
                         let want: f64 = (0..in_dim)
@@ -352,7 +446,7 @@ mod tests {
                         let got = out[r * out_dim + o] as f64;
                         assert!(
                             (got - want).abs() <= 1e-6 * scale + 1e-6,
-                            "{rows}x{in_dim}x{out_dim} ({r}, {o}): {got} against {want}"
+                            "{kernel:?} {rows}x{in_dim}x{out_dim} ({r}, {o}): {got} against {want}"
                         );
                     }
                 }
