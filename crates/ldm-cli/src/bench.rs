@@ -51,7 +51,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let t = Instant::now();
     let backend = match Precision::parse(&a.precision)? {
         Precision::F32 => Cpu::new(),
-        Precision::Bf16 => Cpu::with_bf16_linear(),
+        Precision::Bf16 => Cpu::with_bf16_weights(),
     };
     let job = threads.run(|| prepare(workload, &a.model, &backend))?;
     let load_s = t.elapsed().as_secs_f64();

@@ -124,7 +124,7 @@ fn every_shared_case_matches_diffusers_through_the_core_pipelines() {
 /// every text-to-image image must move at all, which shows the bf16 path ran.
 #[test]
 fn bf16_linear_weights_stay_close_to_diffusers() {
-    let bf16 = Cpu::with_bf16_linear();
+    let bf16 = Cpu::with_bf16_weights();
     let (mut worst_max, mut worst_mean) = (0f32, 0f32);
     for (path, case) in cases() {
         let name = case["name"].as_str().unwrap().to_string();

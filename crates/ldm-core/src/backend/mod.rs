@@ -41,6 +41,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn upload_linear_weight(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Self::Tensor> {
         self.upload_weight(data, &[out_dim, in_dim])
     }
+    /// Uploads the weight `(o, c, kh, kw)` of a convolution, for `conv2d` alone. A backend may
+    /// store it as its `conv2d` reads it fastest (the CPU backend can pack it as bf16: then it
+    /// has neither that shape nor exactly those values). Defaults to `upload_weight`.
+    fn upload_conv_weight(&self, data: Vec<f32>, shape: [usize; 4]) -> Result<Self::Tensor> {
+        self.upload_weight(data, &shape)
+    }
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// Reads a tensor back without blocking: the form the pipelines use, since in the browser
     /// the GPU's results arrive through the event loop. Defaults to `download`.

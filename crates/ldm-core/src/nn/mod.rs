@@ -40,7 +40,7 @@ impl<B: Backend> Conv2d<B> {
     pub fn load(w: &Weights<B>, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
         Ok(Self {
             be: w.backend().clone(),
-            w: w.get("weight", &[cout, cin, k, k])?,
+            w: w.get_conv("weight", [cout, cin, k, k])?,
             b: w.get("bias", &[cout])?,
             stride,
             padding,

@@ -71,6 +71,13 @@ impl<B: Backend> Weights<B> {
         self.inner.backend.upload_linear_weight(data, out_dim, in_dim)
     }
 
+    /// The weight `(o, c, k, k)` of a convolution, in the layout the backend's `conv2d` reads
+    /// fastest ([`Backend::upload_conv_weight`]); checked as [`Weights::get`].
+    pub fn get_conv(&self, name: &str, shape: [usize; 4]) -> Result<B::Tensor> {
+        let data = self.read(name, &shape)?;
+        self.inner.backend.upload_conv_weight(data, shape)
+    }
+
     /// The float32 values of tensor `name`, once its shape is checked and its values are finite.
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let key = self.key(name);

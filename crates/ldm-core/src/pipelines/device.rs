@@ -106,7 +106,7 @@ impl AnyPipeline {
         }
         match device {
             Device::Cpu if precision == Precision::Bf16 => {
-                Ok(AnyPipeline::Cpu(Pipeline::load_folder(dir, &Cpu::with_bf16_linear())?))
+                Ok(AnyPipeline::Cpu(Pipeline::load_folder(dir, &Cpu::with_bf16_weights())?))
             }
             Device::Cpu => Ok(AnyPipeline::Cpu(Pipeline::load_folder(dir, &Cpu)?)),
             #[cfg(all(feature = "webgpu", not(target_arch = "wasm32")))]

@@ -68,17 +68,33 @@ pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Vec<bf16>> {
     Ok(packed)
 }
 
-/// The rows of `x (rows, in)` as bf16 pairs, the low half holding the even position.
+/// The rows of `x (rows, in)` as bf16 pairs ([`pair`]), with room for the AMX kernel's padding.
 fn pairs_of(x: &[f32], in_dim: usize) -> Vec<u32> {
-    let mut out = vec![0u32; x.len() / 2];
+    let mut out = Vec::with_capacity((x.len() / in_dim.max(1)).next_multiple_of(32) * (in_dim / 2));
+    out.resize(x.len() / 2, 0u32);
     out.par_chunks_mut((in_dim / 2).max(1))
         .zip(x.par_chunks(in_dim.max(1)))
         .for_each(|(o, r)| {
             for (o, p) in o.iter_mut().zip(r.chunks_exact(2)) {
-                *o = round(p[0]) as u32 | (round(p[1]) as u32) << 16;
+                *o = pair(p[0], p[1]);
             }
         });
     out
+}
+
+/// The f32 values of a weight [`pack`] made, row-major `(out, in)` again (rounded to bf16).
+pub fn unpack(packed: &[bf16], out_dim: usize, in_dim: usize) -> Vec<f32> {
+    let pairs = in_dim / 2;
+    let mut w = vec![0f32; out_dim * in_dim];
+    w.par_chunks_mut(NR * in_dim).zip(packed.par_chunks(pairs * 2 * NR)).for_each(|(rows, panel)| {
+        for (j, row) in rows.chunks_exact_mut(in_dim).enumerate() {
+            for q in 0..pairs {
+                row[2 * q] = panel[(q * NR + j) * 2].to_f32();
+                row[2 * q + 1] = panel[(q * NR + j) * 2 + 1].to_f32();
+            }
+        }
+    });
+    w
 }
 
 /// `out (rows, out_dim) = x w^T + bias` for `w` as [`pack`] made it.
@@ -148,13 +164,46 @@ fn linear_on(
     in_dim: usize,
     out_dim: usize,
 ) {
-    let rows = x.len() / in_dim;
+    products_on(kernel, out, pairs_of(x, in_dim), w, bias, in_dim, out_dim);
+}
+
+/// Two values as one bf16 pair, the low half holding the first: the input form of the products.
+pub fn pair(lo: f32, hi: f32) -> u32 {
+    round(lo) as u32 | (round(hi) as u32) << 16
+}
+
+/// [`linear`] for an input already made of bf16 pairs ([`pair`]), `in_dim / 2` per row, given
+/// as a vector so that the AMX kernel can pad it to whole blocks in place (reserve capacity for
+/// rows up to a multiple of 32 to spare it a copy).
+pub fn linear_pairs(out: &mut [f32], a: Vec<u32>, w: &[bf16], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) -> Result<()> {
+    let pairs = in_dim / 2;
+    if !packable(out_dim, in_dim) || w.len() != out_dim * in_dim || !a.len().is_multiple_of(pairs) {
+        return Err(Error::Backend(format!("bf16 linear: {} input pairs of width {in_dim} for a {out_dim}x{in_dim} weight", a.len())));
+    }
+    if out.len() != a.len() / pairs * out_dim || bias.is_some_and(|b| b.len() != out_dim) {
+        return Err(Error::Backend(format!("bf16 linear: an output of {} values for {} rows of {out_dim}", out.len(), a.len() / pairs)));
+    }
+    products_on(kernel(), out, a, w, bias, in_dim, out_dim);
+    Ok(())
+}
+
+/// The products of [`linear_on`] from the input's pairs.
+fn products_on(
+    kernel: Kernel,
+    out: &mut [f32],
+    a: Vec<u32>,
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let pairs = in_dim / 2;
+    let rows = a.len() / pairs;
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Amx && in_dim.is_multiple_of(2 * super::amx::PAIRS) {
-        linear_amx(out, x, w, bias, in_dim, out_dim);
+        linear_amx(out, a, w, bias, in_dim, out_dim);
         return;
     }
-    let (a, pairs) = (pairs_of(x, in_dim), in_dim / 2);
     // SAFETY (of the raw writes below): every task writes its own rows x columns rectangle.
     let dst = SendPtr(out.as_mut_ptr());
     let panels = out_dim / NR;
@@ -204,11 +253,11 @@ const AMX_BLOCKS: usize = 6;
 /// [`linear`] on AMX tiles, for `in_dim` a multiple of 32: the input is padded with zero rows to
 /// whole blocks, each block's 32 x 32 sums land in a scratch tile and are copied out with the bias.
 #[cfg(target_arch = "x86_64")]
-fn linear_amx(out: &mut [f32], x: &[f32], w: &[bf16], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) {
+fn linear_amx(out: &mut [f32], mut a: Vec<u32>, w: &[bf16], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) {
     use super::amx::{Tiles, PAIRS, ROWS};
-    let (rows, pairs) = (x.len() / in_dim, in_dim / 2);
+    let pairs = in_dim / 2;
+    let rows = a.len() / pairs;
     let blocks = rows.div_ceil(ROWS);
-    let mut a = pairs_of(x, in_dim);
     a.resize(blocks * ROWS * pairs, 0);
     let dst = SendPtr(out.as_mut_ptr());
     let panels = out_dim / NR;

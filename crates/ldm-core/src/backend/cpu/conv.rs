@@ -18,6 +18,10 @@ use crate::{Error, Result};
 
 /// The most `cols` elements of one band (16 MiB of float32).
 const BAND_ELEMS: usize = 1 << 22;
+/// Output planes smaller than this are done for all images in one product (the small feature
+/// maps of a UNet's inner blocks have 16 or 64 positions per image: a product per image would
+/// read the whole weight for each).
+const BATCH_PLANE: usize = 1024;
 
 /// The shape of a convolution: input `(n, c, h, w)`, weight `(o, c, kh, kw)`.
 #[derive(Clone, Copy, Debug)]
@@ -63,10 +67,28 @@ fn conv2d_banded(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape, 
         winograd::conv3x3(tiling, x, weight, bias, s, &mut out, band_elems)?;
         return Ok(out);
     }
+    let w = Mat::rows(weight, s.o, k);
+    if s.n > 1 && plane < BATCH_PLANE && k * s.n * plane <= band_elems {
+        // small feature maps: every image's columns side by side in one product
+        let np = s.n * plane;
+        let mut cols = vec![0f32; k * np];
+        for (i, img) in x.chunks(s.c * s.h * s.w).enumerate() {
+            im2col(img, &mut cols, np, i * plane, s, 0, oh, ow);
+        }
+        let mut prod = vec![0f32; s.o * np];
+        gemm(MatMut::rows(&mut prod, s.o, np), w, Mat::rows(&cols, k, np), false, Par::Auto)?;
+        out.par_chunks_mut(plane).enumerate().for_each(|(io, dst)| {
+            let (i, oc) = (io / s.o, io % s.o);
+            let b = bias.map_or(0.0, |b| b[oc]);
+            for (d, &v) in dst.iter_mut().zip(&prod[oc * np + i * plane..][..plane]) {
+                *d = v + b;
+            }
+        });
+        return Ok(out);
+    }
     if let Some(b) = bias {
         out.par_chunks_mut(plane.max(1)).enumerate().for_each(|(i, p)| p.fill(b[i % s.o]));
     }
-    let w = Mat::rows(weight, s.o, k);
     let direct = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0;
     let band_rows = (band_elems / (k * ow).max(1)).clamp(1, oh.max(1));
     let mut cols = if direct { Vec::new() } else { vec![0f32; k * band_rows * ow] };
@@ -79,7 +101,7 @@ fn conv2d_banded(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape, 
         while y0 < oh {
             let rows = band_rows.min(oh - y0);
             let p = rows * ow;
-            im2col(img, &mut cols[..k * p], s, y0, rows, ow);
+            im2col(img, &mut cols[..k * p], p, 0, s, y0, rows, ow);
             let band = MatMut { data: &mut dst[y0 * ow..], rows: s.o, cols: p, rs: plane, cs: 1 };
             gemm(band, w, Mat::rows(&cols[..k * p], k, p), bias.is_some(), Par::Auto)?;
             y0 += rows;
@@ -90,14 +112,16 @@ fn conv2d_banded(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape, 
 
 /// The `cols` matrix of output rows `y0 .. y0 + rows`: row `(ci, ky, kx)` holds, for each output
 /// position, the input value under kernel tap `(ky, kx)` of channel `ci` (0 in the padding).
-fn im2col(img: &[f32], cols: &mut [f32], s: ConvShape, y0: usize, rows: usize, ow: usize) {
+/// Rows are `ld` apart in `cols`, and these positions' columns start at `off`.
+#[allow(clippy::too_many_arguments)]
+fn im2col(img: &[f32], cols: &mut [f32], ld: usize, off: usize, s: ConvShape, y0: usize, rows: usize, ow: usize) {
     let p = rows * ow;
     let taps = s.kh * s.kw;
-    cols.par_chunks_mut(taps * p).enumerate().for_each(|(ci, chunk)| {
+    cols.par_chunks_mut(taps * ld).enumerate().for_each(|(ci, chunk)| {
         let plane = &img[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..s.kh {
             for kx in 0..s.kw {
-                let row = &mut chunk[(ky * s.kw + kx) * p..(ky * s.kw + kx + 1) * p];
+                let row = &mut chunk[(ky * s.kw + kx) * ld + off..][..p];
                 for oy in 0..rows {
                     let dst = &mut row[oy * ow..(oy + 1) * ow];
                     let iy = ((y0 + oy) * s.stride + ky) as isize - s.padding as isize;

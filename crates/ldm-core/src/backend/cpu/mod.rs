@@ -8,6 +8,7 @@ mod attention;
 mod amx;
 pub mod bf16;
 mod conv;
+mod conv_bf16;
 mod elementwise;
 mod gemm;
 mod math;
@@ -77,13 +78,13 @@ fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
 /// candle on the CPU, with f32 weights. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Cpu {
-    /// Whether linear layers' weights are kept as bf16 ([`bf16`]).
-    bf16_linear: bool,
+    /// Whether weights are kept as bf16 ([`bf16`], [`conv_bf16`]).
+    bf16_weights: bool,
 }
 
 /// The CPU backend with f32 weights, as a value: `&Cpu` wherever a backend is asked for.
 #[allow(non_upper_case_globals)]
-pub const Cpu: Cpu = Cpu { bf16_linear: false };
+pub const Cpu: Cpu = Cpu { bf16_weights: false };
 
 impl Cpu {
     /// f32 weights throughout.
@@ -93,15 +94,15 @@ impl Cpu {
 
     /// Linear layers' weights kept as bf16 and multiplied in bf16 with f32 sums (half their
     /// memory; on Intel AMX, 2-4x faster products than AVX512-BF16, which is itself about
-    /// 1.5-2x faster than f32; slower on CPUs with neither).
-    /// Convolutions, norms and attention stay f32.
-    pub fn with_bf16_linear() -> Self {
-        Cpu { bf16_linear: true }
+    /// 1.5-2x faster than f32; slower on CPUs with neither). On AMX, convolutions with a
+    /// multiple of 32 input channels too ([`conv_bf16`]). Norms and attention stay f32.
+    pub fn with_bf16_weights() -> Self {
+        Cpu { bf16_weights: true }
     }
 
-    /// Whether linear layers' weights are bf16.
-    pub fn bf16_linear(&self) -> bool {
-        self.bf16_linear
+    /// Whether weights are kept as bf16 where they can be.
+    pub fn bf16_weights(&self) -> bool {
+        self.bf16_weights
     }
 }
 
@@ -125,6 +126,25 @@ fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap_or(&mut 0) = out_dim;
     tensor(out, &shape)
+}
+
+/// A convolution with a weight packed by [`conv_bf16::pack`], a bf16 tensor `(o / NR, kh, kw, c, NR)`.
+fn conv_bf16_tensor(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (xd, wd) = (x.dims(), w.dims());
+    if xd.len() != 4 || wd.len() != 5 || wd[4] != bf16::NR || xd[1] != wd[3] {
+        return Err(Error::Backend(format!("conv2d of {xd:?} with a bf16 weight of {wd:?}")));
+    }
+    let s = conv::ConvShape { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0] * bf16::NR, kh: wd[1], kw: wd[2], stride, padding };
+    let (oh, ow) = s.out_hw()?;
+    let w = if w.is_contiguous() { w.clone() } else { w.contiguous()? };
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Backend("a CPU kernel was given a tensor that is not on the CPU".into()));
+    };
+    let packed = &cpu.as_slice::<half::bf16>()?[layout.start_offset()..][..w.elem_count()];
+    let bias = b.map(contiguous_f32).transpose()?;
+    let out = with_f32(x, |x| conv_bf16::conv2d(x, packed, bias.as_deref(), s))??;
+    tensor(out, &[s.n, s.o, oh, ow])
 }
 
 fn contiguous_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -255,7 +275,7 @@ impl Backend for Cpu {
         if data.len() != out_dim * in_dim {
             return Err(Error::Backend(format!("a {out_dim}x{in_dim} linear weight of {} values", data.len())));
         }
-        if self.bf16_linear && bf16::packable(out_dim, in_dim) {
+        if self.bf16_weights && bf16::packable(out_dim, in_dim) {
             let packed = bf16::pack(&data, out_dim, in_dim)?;
             drop(data);
             let shape = [out_dim / bf16::NR, in_dim / 2, 2 * bf16::NR];
@@ -292,7 +312,22 @@ impl Backend for Cpu {
         tensor(out, &shape)
     }
 
+    fn upload_conv_weight(&self, data: Vec<f32>, shape: [usize; 4]) -> Result<Tensor> {
+        let [o, c, kh, kw] = shape;
+        if self.bf16_weights && data.len() == o * c * kh * kw && conv_bf16::packable(o, c, kh, kw) {
+            let packed = conv_bf16::pack(&data, o, c, kh, kw)?;
+            drop(data);
+            // the packed layout, shaped so that it carries the convolution's dimensions
+            let shape = [o / bf16::NR, kh, kw, c, bf16::NR];
+            return Ok(Tensor::from_vec(packed, &shape[..], &Device::Cpu)?);
+        }
+        self.upload_weight(data, &shape)
+    }
+
     fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+        if w.dtype() == DType::BF16 {
+            return conv_bf16_tensor(x, w, b, stride, padding);
+        }
         let (xd, wd) = (x.dims(), w.dims());
         if xd.len() != 4 || wd.len() != 4 || xd[1] != wd[1] {
             return Err(Error::Backend(format!("conv2d of {xd:?} with weight {wd:?}")));
@@ -412,7 +447,7 @@ mod tests {
     fn bf16_linear_weights_are_packed_where_they_can_be() {
         let (rows, inner) = (7, 40);
         let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
-        let be = Cpu::with_bf16_linear();
+        let be = Cpu::with_bf16_weights();
         for out in [64, 70] {
             let w: Vec<f32> = (0..out * inner).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
             let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.1).collect();
