@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--whole-repeat", type=int, default=3, help="timed runs of each whole pipeline run")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--bf16", action="store_true",
-                    help="also time ldm with bf16 linear weights (ldm bench --precision bf16), as extra columns")
+                    help="also time ldm with bf16 weights (ldm bench --precision bf16), as extra columns")
     # the child side
     ap.add_argument("--torch", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)

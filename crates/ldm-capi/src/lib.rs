@@ -60,15 +60,15 @@ pub enum LdmDevice {
     LDM_DEVICE_GPU = 1,
 }
 
-/// How the CPU keeps linear layers' weights (LdmLoadOptions.precision).
+/// How the CPU keeps the weights (LdmLoadOptions.precision).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LdmPrecision {
     /// f32: diffusers' numbers.
     LDM_PRECISION_F32 = 0,
-    /// bf16 weights for linear layers, multiplied in bf16 with f32 sums: half those weights'
-    /// memory, faster on CPUs with AVX512-BF16 (slower elsewhere), slightly different images.
-    /// CPU only.
+    /// bf16 weights for linear layers (and, on Intel AMX, for convolutions), multiplied in bf16
+    /// with f32 sums: half those weights' memory, faster on CPUs with AMX or AVX512-BF16 (slower
+    /// elsewhere), slightly different images. CPU only.
     LDM_PRECISION_BF16 = 1,
 }
 

@@ -30,7 +30,7 @@ pub struct BenchArgs {
     /// CPU threads; 0 (the default) uses every core.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
-    /// Linear layers' weights: f32 or bf16 (as `ldm txt2img --precision`).
+    /// Weights: f32 or bf16 (as `ldm txt2img --precision`).
     #[arg(long, value_name = "P", default_value = "f32")]
     pub precision: String,
 }

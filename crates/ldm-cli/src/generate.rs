@@ -43,8 +43,9 @@ pub struct Common {
     /// CPU threads for this run; 0 (the default) uses every core.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
-    /// Linear layers' weights on the CPU: f32 (diffusers' numbers), or bf16 (half their memory,
-    /// faster on CPUs with AVX512-BF16, slightly different images; see the README).
+    /// Weights on the CPU: f32 (diffusers' numbers), or bf16 for linear layers and, on Intel AMX,
+    /// convolutions (half their memory, faster on CPUs with AMX or AVX512-BF16, slightly different
+    /// images; see the README).
     #[arg(long, value_name = "P", default_value = "f32")]
     pub precision: String,
 }

@@ -150,10 +150,13 @@ public final class Pipeline: @unchecked Sendable {
     private let handle: OpaquePointer
 
     /// Loads a diffusers folder or hub id (ldm_pipeline_load). `threads` 0: every core.
-    public init(model: String, threads: UInt32 = 0, offline: Bool = false, cacheDirectory: String? = nil) throws {
+    /// `precision` LDM_PRECISION_BF16: bf16 weights on the CPU (LdmLoadOptions.precision).
+    public init(model: String, threads: UInt32 = 0, offline: Bool = false, cacheDirectory: String? = nil,
+                precision: LdmPrecision = LDM_PRECISION_F32) throws {
         var options = ldm_load_options_default()
         options.threads = threads
         options.offline = offline ? 1 : 0
+        options.precision = precision.rawValue
         var out: OpaquePointer? = nil
         let status = cacheDirectory.withOptionalCString { dir -> LdmStatus in
             options.cache_dir = dir

@@ -37,7 +37,7 @@ impl Device {
     }
 }
 
-/// How the CPU backend keeps linear layers' weights.
+/// How the CPU backend keeps the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     /// f32 throughout: the numbers of diffusers.
@@ -45,8 +45,9 @@ pub enum Precision {
     F32,
     /// Linear layers (all of LDMBert, the UNets' attention and feed-forward layers) with bf16
     /// weights, multiplied in bf16 with f32 sums: half those weights' memory, faster on CPUs with
-    /// AVX512-BF16 and slower elsewhere, and outputs that differ from f32 ones (the README states
-    /// by how much). Convolutions, norms and attention scores stay f32. CPU only.
+    /// AMX or AVX512-BF16 and slower elsewhere, and outputs that differ from f32 ones (the README
+    /// states by how much). On Intel AMX, convolutions with a multiple of 32 input channels too;
+    /// norms and attention scores stay f32. CPU only.
     Bf16,
 }
 

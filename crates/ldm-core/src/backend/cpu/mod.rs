@@ -471,4 +471,33 @@ mod tests {
             assert!(be.linear(&wrong, &prepared, None).is_err());
         }
     }
+
+    #[test]
+    fn bf16_convolution_weights_are_packed_on_amx_only() {
+        let be = Cpu::with_bf16_weights();
+        let amx = bf16::kernel() == bf16::Kernel::Amx;
+        let round = |v: f32| f32::from_bits((bf16::round(v) as u32) << 16);
+        // 64 input channels: packed on AMX; 4 (as a UNet's conv_in): f32 everywhere
+        for (c, o, k, pad) in [(64, 32, 3, 1), (4, 32, 3, 1), (32, 64, 1, 0)] {
+            let (n, h, w) = (2, 6, 5);
+            let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+            let wt: Vec<f32> = (0..o * c * k * k).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
+            let b: Vec<f32> = (0..o).map(|i| i as f32 * 0.1).collect();
+            let packed = be.upload_conv_weight(wt.clone(), [o, c, k, k]).unwrap();
+            let is_bf16 = packed.dtype() == DType::BF16;
+            assert_eq!(is_bf16, amx && c % 32 == 0, "{c} channels");
+            let xt = be.upload(x.clone(), &[n, c, h, w]).unwrap();
+            let bt = be.upload(b.clone(), &[o]).unwrap();
+            let got = be.download(&be.conv2d(&xt, &packed, Some(&bt), 1, pad).unwrap()).unwrap();
+            let r = |v: &[f32]| -> Vec<f32> { v.iter().map(|&v| if is_bf16 { round(v) } else { v }).collect() };
+            let s = conv::ConvShape { n, c, h, w, o, kh: k, kw: k, stride: 1, padding: pad };
+            let want = conv::conv2d(&r(&x), &r(&wt), Some(&b), s).unwrap();
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-3, "{c} channels: {err}");
+            if is_bf16 {
+                let wrong = be.upload(vec![0.0; n * 2 * c * h * w], &[n, 2 * c, h, w]).unwrap();
+                assert!(be.conv2d(&wrong, &packed, None, 1, pad).unwrap_err().to_string().contains("bf16 weight"));
+            }
+        }
+    }
 }

@@ -29,8 +29,7 @@ pub fn group_norm(
         return Ok(out);
     }
     out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(gi, (o, src))| {
-        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+        let (mean, var) = moments(src);
         let inv = 1.0 / (var + eps).sqrt();
         let c0 = (gi % groups) * cpg;
         for (ci, (op, sp)) in o.chunks_mut(spatial.max(1)).zip(src.chunks(spatial.max(1))).enumerate() {
@@ -49,6 +48,29 @@ pub fn group_norm(
     Ok(out)
 }
 
+/// The mean and the (biased) variance about it of `x`, in float64. The sums run in [`LANES`]
+/// interleaved accumulators (vector lanes) rather than one chain of dependent additions, which
+/// changes only float64 rounding, far below float32's.
+fn moments(x: &[f32]) -> (f64, f64) {
+    fn sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+        let mut acc = [0f64; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    }
+    let n = x.len().max(1) as f64;
+    let mean = sum(x, |v| v as f64) / n;
+    (mean, sum(x, |v| (v as f64 - mean).powi(2)) / n)
+}
+
+/// Accumulators of [`moments`]: two AVX-512 registers of float64.
+const LANES: usize = 16;
+
 /// `torch.nn.LayerNorm` over rows of `d` values.
 pub fn layer_norm(x: &[f32], d: usize, gamma: &[f32], beta: &[f32], eps: f64) -> Result<Vec<f32>> {
     if d == 0 || x.len() % d != 0 || gamma.len() != d || beta.len() != d {
@@ -58,8 +80,7 @@ pub fn layer_norm(x: &[f32], d: usize, gamma: &[f32], beta: &[f32], eps: f64) ->
     let per_task = ((1 << 14) / d).max(1) * d;
     out.par_chunks_mut(per_task).zip(x.par_chunks(per_task)).for_each(|(o, src)| {
         for (orow, row) in o.chunks_mut(d).zip(src.chunks(d)) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let (mean, var) = moments(row);
             let inv = 1.0 / (var + eps).sqrt();
             for ((y, &v), (&g, &b)) in orow.iter_mut().zip(row).zip(gamma.iter().zip(beta)) {
                 *y = ((v as f64 - mean) * inv) as f32 * g + b;
