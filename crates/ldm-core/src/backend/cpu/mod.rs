@@ -36,6 +36,16 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&data[start..end]))
 }
 
+/// Runs `f` on the elements of a bf16 tensor (a packed weight) in row-major order.
+fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Backend("a CPU kernel was given a tensor that is not on the CPU".into()));
+    };
+    Ok(f(&cpu.as_slice::<half::bf16>()?[layout.start_offset()..][..t.elem_count()]))
+}
+
 /// `a op b` for equal shapes, or `b` of `a`'s shape with its trailing dimensions 1 (a per-channel
 /// term); `None` for other broadcasts, which candle does.
 fn binary(a: &Tensor, b: &Tensor, op: fn(f32, f32) -> f32) -> Option<Result<Tensor>> {
@@ -114,15 +124,9 @@ fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if width != 2 * bf16::NR || dims.last() != Some(&in_dim) {
         return Err(Error::Backend(format!("linear: a bf16 weight of {:?} for input {dims:?}", w.dims())));
     }
-    let w = if w.is_contiguous() { w.clone() } else { w.contiguous()? };
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Backend("a CPU kernel was given a tensor that is not on the CPU".into()));
-    };
-    let packed = &cpu.as_slice::<half::bf16>()?[layout.start_offset()..][..out_dim * in_dim];
     let mut out = vec![0f32; x.elem_count() / in_dim * out_dim];
     let bias = b.map(contiguous_f32).transpose()?;
-    with_f32(x, |x| bf16::linear(&mut out, x, packed, bias.as_deref(), in_dim, out_dim))??;
+    with_bf16(w, |packed| with_f32(x, |x| bf16::linear(&mut out, x, packed, bias.as_deref(), in_dim, out_dim)))???;
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap_or(&mut 0) = out_dim;
     tensor(out, &shape)
@@ -136,14 +140,8 @@ fn conv_bf16_tensor(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, p
     }
     let s = conv::ConvShape { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0] * bf16::NR, kh: wd[1], kw: wd[2], stride, padding };
     let (oh, ow) = s.out_hw()?;
-    let w = if w.is_contiguous() { w.clone() } else { w.contiguous()? };
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Backend("a CPU kernel was given a tensor that is not on the CPU".into()));
-    };
-    let packed = &cpu.as_slice::<half::bf16>()?[layout.start_offset()..][..w.elem_count()];
     let bias = b.map(contiguous_f32).transpose()?;
-    let out = with_f32(x, |x| conv_bf16::conv2d(x, packed, bias.as_deref(), s))??;
+    let out = with_bf16(w, |packed| with_f32(x, |x| conv_bf16::conv2d(x, packed, bias.as_deref(), s)))???;
     tensor(out, &[s.n, s.o, oh, ow])
 }
 
