@@ -89,6 +89,9 @@ fn autoencoder_kl_decode_and_encode_match_diffusers() {
     let dec = vae.decode(&r.tensor("latents")).unwrap();
     assert_eq!(Cpu.dims(&dec), r.shape("decoded"));
     assert_close("vae_kl decode", &Cpu.download(&dec).unwrap(), &r.f32("decoded"), TOL);
+    let x = vae.decoder_input(&r.tensor("latents")).unwrap();
+    let err = tiled_decode_error(&Cpu, vae.decoder(), &x, &r, "decoded");
+    assert!(err <= TOL, "vae_kl tiled decode: max abs error {err:e}");
     let dist = vae.encode(&r.tensor("image")).unwrap();
     assert_close("vae_kl encode mean", &Cpu.download(&dist.mean).unwrap(), &r.f32("encoded_mean"), TOL);
     assert_close("vae_kl encode std", &Cpu.download(&dist.std).unwrap(), &r.f32("encoded_std"), TOL);
@@ -109,6 +112,8 @@ fn vq_model_quantize_decode_and_encode_match_diffusers() {
     let dec = vq.decode(&latents, false).unwrap();
     assert_eq!(Cpu.dims(&dec), r.shape("decoded"));
     assert_close("vq decode", &Cpu.download(&dec).unwrap(), &r.f32("decoded"), TOL);
+    let err = tiled_decode_error(&Cpu, vq.decoder(), &vq.decoder_input(&latents, false).unwrap(), &r, "decoded");
+    assert!(err <= TOL, "vq tiled decode: max abs error {err:e}");
     let dec = vq.decode(&latents, true).unwrap();
     assert_close("vq decode unquantized", &Cpu.download(&dec).unwrap(), &r.f32("decoded_force_not_quantize"), TOL);
     let enc = vq.encode(&r.tensor("image")).unwrap();

@@ -491,6 +491,10 @@ fn vae_kl(g: &Gpu, tol: f32) -> f32 {
     let r = Reference::open("vae_kl");
     let dec = vae.decode(&gtensor(g, &r, "latents")).unwrap();
     let mut worst = check(g, "vae_kl decode", &dec, &r, "decoded", tol);
+    let tiled = tiled_decode_error(g, vae.decoder(), &vae.decoder_input(&gtensor(g, &r, "latents")).unwrap(), &r, "decoded");
+    eprintln!("vae_kl tiled decode: max abs error {tiled:.3e}");
+    assert!(tiled <= tol, "vae_kl tiled decode: max abs error {tiled:e} exceeds {tol:e}");
+    worst = worst.max(tiled);
     let dist = vae.encode(&gtensor(g, &r, "image")).unwrap();
     worst = worst.max(check(g, "vae_kl encode mean", &dist.mean, &r, "encoded_mean", tol));
     worst.max(check(g, "vae_kl encode std", &dist.std, &r, "encoded_std", tol))
@@ -505,6 +509,10 @@ fn vq(g: &Gpu, tol: f32) -> f32 {
     let latents = gtensor(g, &r, "latents");
     let mut worst = check(g, "vq quantized", &vq.quantize(&latents).unwrap(), &r, "quantized", tol);
     worst = worst.max(check(g, "vq decode", &vq.decode(&latents, false).unwrap(), &r, "decoded", tol));
+    let tiled = tiled_decode_error(g, vq.decoder(), &vq.decoder_input(&latents, false).unwrap(), &r, "decoded");
+    eprintln!("vq tiled decode: max abs error {tiled:.3e}");
+    assert!(tiled <= tol, "vq tiled decode: max abs error {tiled:e} exceeds {tol:e}");
+    worst = worst.max(tiled);
     worst = worst.max(check(
         g,
         "vq decode unquantized",

@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::nn::{GroupNorm, Linear, Weights};
+use crate::pipelines::memory::{Transients, ATTENTION_SCORES};
 use crate::Result;
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0`, on `(B, L, C)` sequences.
@@ -45,7 +46,18 @@ impl<B: Backend> Attention<B> {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        self.to_out.forward(&be.attention_heads(&q, &k, &v, self.heads, self.scale)?)
+        // A backend that builds every score at once gets the queries in chunks (rows of the
+        // scores are independent), so that a decoder's mid block over a large image fits.
+        let (b, lq, lk) = (be.dims(&q)[0], be.dims(&q)[1], be.dims(&k)[1]);
+        let rows = if be.transients() == Transients::Full { (ATTENTION_SCORES / (b * self.heads * lk).max(1)).max(1) } else { lq };
+        if rows >= lq {
+            return self.to_out.forward(&be.attention_heads(&q, &k, &v, self.heads, self.scale)?);
+        }
+        let chunks = (0..lq)
+            .step_by(rows)
+            .map(|s| be.attention_heads(&be.narrow(&q, 1, s, rows.min(lq - s))?, &k, &v, self.heads, self.scale))
+            .collect::<Result<Vec<_>>>()?;
+        self.to_out.forward(&be.cat(&chunks.iter().collect::<Vec<_>>(), 1)?)
     }
 }
 

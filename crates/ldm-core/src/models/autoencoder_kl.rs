@@ -124,11 +124,19 @@ impl<B: Backend> AutoencoderKL<B> {
 
     /// Latents (not divided by `scaling_factor`: the caller does) to an image in about [-1, 1].
     pub fn decode(&self, z: &B::Tensor) -> Result<B::Tensor> {
-        let h = match &self.post_quant_conv {
-            Some(p) => p.forward(z)?,
-            None => z.clone(),
-        };
-        self.decoder.forward(&h)
+        self.decoder.forward(&self.decoder_input(z)?)
+    }
+
+    /// What [`Self::decode`] hands its decoder: the latents through `post_quant_conv`.
+    pub fn decoder_input(&self, z: &B::Tensor) -> Result<B::Tensor> {
+        match &self.post_quant_conv {
+            Some(p) => p.forward(z),
+            None => Ok(z.clone()),
+        }
+    }
+
+    pub fn decoder(&self) -> &Decoder<B> {
+        &self.decoder
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::backend::Backend;
 use crate::models::config::{check_size, MAX_CHANNELS, MAX_LAYERS};
 use crate::models::unet_2d_blocks::{AttnKind, MidBlock};
-use crate::nn::{Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetCfg, Upsample2D, Weights};
+use crate::nn::{Conv2d, Downsample2D, GroupNorm, NormSilu, ResnetBlock2D, ResnetCfg, Upsample2D, Weights};
 use crate::{Error, Result};
 
 /// diffusers' autoencoders use this epsilon in every norm.
@@ -154,16 +154,56 @@ impl<B: Backend> Decoder<B> {
     }
 
     pub fn forward(&self, z: &B::Tensor) -> Result<B::Tensor> {
-        let mut h = self.conv_in.forward(z)?;
-        h = self.mid.forward(&h, None, None)?;
-        for block in &self.blocks {
-            for r in &block.resnets {
-                h = r.forward(&h, None)?;
-            }
-            if let Some(u) = &block.up {
-                h = u.forward(&h, None)?;
-            }
+        let mut h = self.forward_mid(z)?;
+        for b in 0..self.stages() {
+            h = self.forward_stage(b, &h, &mut |n, x| n.forward_silu(x))?;
         }
-        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
+        Ok(h)
+    }
+
+    /// The part of [`Self::forward`] at the latents' resolution: `conv_in` and the mid block.
+    pub fn forward_mid(&self, z: &B::Tensor) -> Result<B::Tensor> {
+        self.mid.forward(&self.conv_in.forward(z)?, None, None)
+    }
+
+    /// Stages of the rest of [`Self::forward`], one per up block: stage `b` is the upsampling
+    /// that ends block `b - 1` (none for the first), then block `b`'s resnets, and for the last
+    /// stage the output layers.
+    pub fn stages(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Stage `b` ([`Self::stages`]) on `h`, every group norm (each followed by SiLU) applied by
+    /// `norm`.
+    pub fn forward_stage(&self, b: usize, h: &B::Tensor, norm: &mut NormSilu<'_, B>) -> Result<B::Tensor> {
+        let mut h = match b.checked_sub(1).and_then(|p| self.blocks[p].up.as_ref()) {
+            Some(u) => u.forward(h, None)?,
+            None => h.clone(),
+        };
+        for r in &self.blocks[b].resnets {
+            h = r.forward_with(&h, None, norm)?;
+        }
+        if b + 1 == self.blocks.len() {
+            h = self.conv_out.forward(&norm(&self.norm_out, &h)?)?;
+        }
+        Ok(h)
+    }
+
+    /// Output positions per input position of stage `b`, along each side.
+    pub fn stage_scale(&self, b: usize) -> usize {
+        if b > 0 && self.blocks[b - 1].up.is_some() { 2 } else { 1 }
+    }
+
+    /// The group norms of stage `b`, in the order it applies them.
+    pub fn stage_norms(&self, b: usize) -> usize {
+        2 * self.blocks[b].resnets.len() + usize::from(b + 1 == self.blocks.len())
+    }
+
+    /// How many input positions away stage `b` looks from an output's own: each 3x3
+    /// convolution reaches one position further at the output's resolution. A part of the input
+    /// with this much context on each side gives its centre exactly as the whole input would.
+    pub fn stage_reach(&self, b: usize) -> usize {
+        let convs = 2 * self.blocks[b].resnets.len() + usize::from(self.stage_scale(b) > 1) + usize::from(b + 1 == self.blocks.len());
+        convs.div_ceil(self.stage_scale(b))
     }
 }

@@ -121,8 +121,18 @@ impl<B: Backend> VQModel<B> {
     /// Latents to image; quantised first unless `force_not_quantize` (diffusers' default is to
     /// quantise).
     pub fn decode(&self, h: &B::Tensor, force_not_quantize: bool) -> Result<B::Tensor> {
+        self.decoder.forward(&self.decoder_input(h, force_not_quantize)?)
+    }
+
+    /// What [`Self::decode`] hands its decoder: the latents quantised (unless
+    /// `force_not_quantize`) and through `post_quant_conv`.
+    pub fn decoder_input(&self, h: &B::Tensor, force_not_quantize: bool) -> Result<B::Tensor> {
         let q = if force_not_quantize { h.clone() } else { self.quantize(h)? };
-        self.decoder.forward(&self.post_quant_conv.forward(&q)?)
+        self.post_quant_conv.forward(&q)
+    }
+
+    pub fn decoder(&self) -> &Decoder<B> {
+        &self.decoder
     }
 }
 

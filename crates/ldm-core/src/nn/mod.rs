@@ -86,7 +86,43 @@ impl<B: Backend> GroupNorm<B> {
     pub fn forward_silu(&self, x: &B::Tensor) -> Result<B::Tensor> {
         self.be.group_norm_silu(x, self.groups, &self.gamma, &self.beta, self.eps)
     }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// The norm followed by SiLU, with each group's `(mean, variance)` given instead of taken
+    /// from `x (1, C, H, W)`: a tile of a feature map normalised as the whole map is.
+    pub fn forward_silu_with(&self, x: &B::Tensor, stats: &[(f64, f64)]) -> Result<B::Tensor> {
+        let be = &self.be;
+        let (gamma, beta) = (be.download(&self.gamma)?, be.download(&self.beta)?);
+        let c = gamma.len();
+        if stats.len() != self.groups || be.dims(x).get(1) != Some(&c) {
+            return Err(crate::Error::Backend(format!(
+                "group norm: {} group statistics for {} groups over {:?}",
+                stats.len(),
+                self.groups,
+                be.dims(x)
+            )));
+        }
+        // (x - mean) * rstd * gamma + beta as one per-channel x * a + b
+        let per_group = c / self.groups;
+        let (mut a, mut b) = (vec![0f32; c], vec![0f32; c]);
+        for ch in 0..c {
+            let (mean, var) = stats[ch / per_group];
+            let scale = gamma[ch] as f64 / (var + self.eps).sqrt();
+            a[ch] = scale as f32;
+            b[ch] = (beta[ch] as f64 - mean * scale) as f32;
+        }
+        let a = be.upload(a, &[1, c, 1, 1])?;
+        let b = be.upload(b, &[1, c, 1, 1])?;
+        be.silu(&be.add(&be.mul(x, &a)?, &b)?)
+    }
 }
+
+/// A group norm followed by SiLU, as the caller applies it: the decoders' up path takes one, so
+/// that tiled decoding can normalise each tile with the whole image's statistics.
+pub type NormSilu<'a, B> = dyn FnMut(&GroupNorm<B>, &<B as Backend>::Tensor) -> Result<<B as Backend>::Tensor> + 'a;
 
 /// `torch.nn.LayerNorm` over the last dimension.
 pub struct LayerNorm<B: Backend> {
@@ -200,8 +236,13 @@ impl<B: Backend> ResnetBlock2D<B> {
     }
 
     pub fn forward(&self, x: &B::Tensor, temb: Option<&B::Tensor>) -> Result<B::Tensor> {
+        self.forward_with(x, temb, &mut |n, x| n.forward_silu(x))
+    }
+
+    /// [`Self::forward`] with its two norms applied by `norm`.
+    pub fn forward_with(&self, x: &B::Tensor, temb: Option<&B::Tensor>, norm: &mut NormSilu<'_, B>) -> Result<B::Tensor> {
         let be = &self.be;
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let mut h = self.conv1.forward(&norm(&self.norm1, x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&be.silu(t)?)?;
             let d = be.dims(&t);
@@ -209,7 +250,7 @@ impl<B: Backend> ResnetBlock2D<B> {
         }
         // each intermediate map is dropped as soon as the next is made: at most the input, one
         // normalised map and one output are alive (what the memory estimate counts)
-        let normed = self.norm2.forward_silu(&h)?;
+        let normed = norm(&self.norm2, &h)?;
         drop(h);
         let h = self.conv2.forward(&normed)?;
         drop(normed);

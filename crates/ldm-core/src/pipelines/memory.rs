@@ -107,6 +107,10 @@ pub enum Transients {
     Blocked,
 }
 
+/// Attention scores that a [`Transients::Full`] backend computes at once: longer query
+/// sequences are split into chunks of rows (`models::attention`).
+pub const ATTENTION_SCORES: usize = 1 << 25;
+
 /// The most a [`Transients::Blocked`] backend's blocks take: convolution bands and transformed
 /// kernels, or the score blocks of every thread.
 const BLOCKS: u64 = 192 << 20;
@@ -116,7 +120,10 @@ const BLOCKS: u64 = 192 << 20;
 /// scores with the queries, keys, values and output.
 fn level_transient(rows: u64, l: &Level, t: Transients) -> u64 {
     let fmap = mul(&[rows, l.channels, l.positions, F32]);
-    let blocks = |full: u64| if t == Transients::Full { full } else { full.min(BLOCKS) };
+    let blocks = |full: u64| match t {
+        Transients::Full => full.min(mul(&[ATTENTION_SCORES as u64, F32, 3])),
+        Transients::Blocked => full.min(BLOCKS),
+    };
     // Whole buffers: the im2col matrix, the convolution's input and output, the block's input.
     // Blocked: the first resnet of a level reads up to twice its channels, and its input, the
     // normalised input and the output are alive together (5 maps of the level's width).
@@ -151,13 +158,21 @@ pub(crate) fn decoder_peak(rows: u64, levels: &[Level], t: Transients) -> u64 {
 }
 
 /// Peak bytes of decoding one image of `h x w` latents, `f` pixels per latent: whole, or in
-/// tiles (see [`super::tiles`]) with the blended image and its weights beside them.
+/// tiles (see [`super::tiles`]): the layers at the latents' resolution whole, then each stage
+/// of the up path tile by tile, its input and output maps whole beside one tile's work.
 pub(crate) fn decode_peak(ch: &[usize], layers: usize, mid: bool, h: usize, w: usize, f: usize, t: Transients) -> u64 {
-    if super::tiles::tiled(h, w) {
-        let side = super::tiles::TILE.min(h.max(w)) * f;
-        let tile = decoder_peak(1, &decoder_levels(ch, layers, side, side, mid), t);
-        let image = mul(&[(h * f) as u64, (w * f) as u64, 4 + 1, F32]);
-        tile.saturating_add(image)
+    let n = ch.len();
+    if super::tiles::tiled(h, w) && n > 0 {
+        let whole = decoder_levels(ch, layers, h * f, w * f, mid);
+        let latent_levels = decoder_peak(1, &whole[n - 1..], t);
+        // stage b's output: block n-1-b's channels at 2^b latents' size; the last, the image
+        let out = |b: usize| if b + 1 == n { mul(&[3, (h * f) as u64, (w * f) as u64]) } else { mul(&[ch[n - 1 - b] as u64, (h as u64) << b, (w as u64) << b]) };
+        let input = |b: usize| if b == 0 { mul(&[ch[n - 1] as u64, h as u64, w as u64]) } else { out(b - 1) };
+        let maps = (0..n).map(|b| input(b).saturating_add(out(b)).saturating_mul(F32)).max().unwrap_or(0);
+        // a tile: at most TILE inputs a side, twice that in outputs, at any block's width
+        let side = 2 * super::tiles::TILE as u64;
+        let tile_levels: Vec<Level> = ch.iter().map(|&c| Level { positions: side * side, channels: c as u64, layers: layers as u64 + 1, heads: 0, context: 0 }).collect();
+        latent_levels.max(decoder_peak(1, &tile_levels, t).saturating_add(maps))
     } else {
         decoder_peak(1, &decoder_levels(ch, layers, h * f, w * f, mid), t)
     }

@@ -166,9 +166,8 @@ impl<B: Backend> SuperResolution<B> {
         report(&mut progress, Stage::Decode, 0, 1)?;
         let z = be.upload(latents, &[1, c, h, w])?;
         let (decoded, d) = if tiles::tiled(h, w) {
-            // quantisation is per latent, so it is done once, and the tiles decode unquantised
-            let q = self.vqvae.quantize(&z)?;
-            let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, &q, tiles::TILE, tiles::OVERLAP, |t| self.vqvae.decode(t, true))?;
+            let x = self.vqvae.decoder_input(&z, false)?;
+            let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, self.vqvae.decoder(), &x, tiles::TILE)?;
             (chw_to_hwc(&chw, oc, oh * ow), [1, oc, oh, ow])
         } else {
             let decoded = self.vqvae.decode(&z, false)?;

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use ldm_core::backend::cpu::Cpu;
 use ldm_core::backend::Backend;
 use ldm_core::loading::{find_weights, SafetensorsFile, TensorSource};
+use ldm_core::models::vae::Decoder;
 use ldm_core::nn::Weights;
+use ldm_core::pipelines::tiles;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
@@ -57,4 +59,13 @@ pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) -> f3
     eprintln!("{what}: max abs error {err:.3e} (reference max |x| {:.3})", max_abs(reference));
     assert!(err <= tol * scale, "{what}: max abs error {err:e} exceeds {tol:e} x {scale}");
     err
+}
+
+/// The first sample of `x` decoded by `decoder` tile by tile (`pipelines::tiles`, tiles of 4
+/// inputs a side: several in every stage of the fixtures' decoders) against diffusers' whole
+/// decode of it, the reference `name`; the max abs error.
+pub fn tiled_decode_error<B: Backend>(be: &B, decoder: &Decoder<B>, x: &B::Tensor, r: &Reference, name: &str) -> f32 {
+    let (ours, shape) = tiles::decode_tiled(be, decoder, &be.narrow(x, 0, 0, 1).unwrap(), 4).unwrap();
+    assert_eq!(shape[..], r.shape(name)[1..], "tiled decode's shape");
+    max_abs_diff(&ours, &r.f32(name)[..ours.len()])
 }
