@@ -91,19 +91,15 @@ impl<B: Backend> GroupNorm<B> {
         self.groups
     }
 
-    /// The norm followed by SiLU, with each group's `(mean, variance)` given instead of taken
-    /// from `x (1, C, H, W)`: a tile of a feature map normalised as the whole map is.
-    pub fn forward_silu_with(&self, x: &B::Tensor, stats: &[(f64, f64)]) -> Result<B::Tensor> {
+    /// The norm as a per-channel `x * a + b` (the tensors `(1, C, 1, 1)` returned), with each
+    /// group's `(mean, variance)` given instead of taken from the input: for
+    /// [`Self::forward_silu_affine`], which normalises a tile of a map as the whole map is.
+    pub fn affine_with(&self, stats: &[(f64, f64)]) -> Result<(B::Tensor, B::Tensor)> {
         let be = &self.be;
         let (gamma, beta) = (be.download(&self.gamma)?, be.download(&self.beta)?);
         let c = gamma.len();
-        if stats.len() != self.groups || be.dims(x).get(1) != Some(&c) {
-            return Err(crate::Error::Backend(format!(
-                "group norm: {} group statistics for {} groups over {:?}",
-                stats.len(),
-                self.groups,
-                be.dims(x)
-            )));
+        if stats.len() != self.groups {
+            return Err(crate::Error::Backend(format!("group norm: {} group statistics for {} groups", stats.len(), self.groups)));
         }
         // (x - mean) * rstd * gamma + beta as one per-channel x * a + b
         let per_group = c / self.groups;
@@ -114,9 +110,16 @@ impl<B: Backend> GroupNorm<B> {
             a[ch] = scale as f32;
             b[ch] = (beta[ch] as f64 - mean * scale) as f32;
         }
-        let a = be.upload(a, &[1, c, 1, 1])?;
-        let b = be.upload(b, &[1, c, 1, 1])?;
-        be.silu(&be.add(&be.mul(x, &a)?, &b)?)
+        Ok((be.upload(a, &[1, c, 1, 1])?, be.upload(b, &[1, c, 1, 1])?))
+    }
+
+    /// SiLU of `x * a + b`, `(a, b)` from [`Self::affine_with`].
+    pub fn forward_silu_affine(&self, x: &B::Tensor, (a, b): &(B::Tensor, B::Tensor)) -> Result<B::Tensor> {
+        let be = &self.be;
+        if be.dims(x).get(1) != be.dims(a).get(1) {
+            return Err(crate::Error::Backend(format!("group norm: {:?} normalised with {:?} channels", be.dims(x), be.dims(a))));
+        }
+        be.silu(&be.add(&be.mul(x, a)?, b)?)
     }
 }
 

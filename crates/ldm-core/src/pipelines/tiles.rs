@@ -131,6 +131,8 @@ fn stage_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, b: usize, h: &B::Tensor
     // one tile is the whole map: its own statistics are the whole's
     let norms = if tiles.len() == 1 { 0 } else { decoder.stage_norms(b) };
     let mut stats: Vec<Vec<(f64, f64)>> = Vec::new();
+    // each measured norm's per-channel form, made once on first use
+    let mut affine: Vec<(B::Tensor, B::Tensor)> = Vec::new();
     let s = decoder.stage_scale(b);
     let mut image: Vec<f32> = Vec::new();
     let mut channels = 0;
@@ -154,7 +156,12 @@ fn stage_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, b: usize, h: &B::Tensor
                     return Err(Error::Backend("the tile's pass ends at the norm it measures".into()));
                 }
                 let out = match stats.get(seen) {
-                    Some(st) => n.forward_silu_with(x, st),
+                    Some(st) => {
+                        if affine.len() == seen {
+                            affine.push(n.affine_with(st)?);
+                        }
+                        n.forward_silu_affine(x, &affine[seen])
+                    }
                     None => n.forward_silu(x),
                 };
                 seen += 1;
