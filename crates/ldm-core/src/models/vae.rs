@@ -119,6 +119,15 @@ struct DecoderBlock<B: Backend> {
     up: Option<Upsample2D<B>>,
 }
 
+/// One layer group of the decoder's up path: resnet `j` of up block `b`, block `b`'s upsampling,
+/// or the output layers (`conv_norm_out`, SiLU, `conv_out`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Part {
+    Resnet(usize, usize),
+    Up(usize),
+    Out,
+}
+
 /// diffusers `Decoder`: latents to image.
 pub struct Decoder<B: Backend> {
     conv_in: Conv2d<B>,
@@ -126,6 +135,8 @@ pub struct Decoder<B: Backend> {
     blocks: Vec<DecoderBlock<B>>,
     norm_out: GroupNorm<B>,
     conv_out: Conv2d<B>,
+    /// The up path in stages ([`Self::stages`]).
+    stages: Vec<Vec<Part>>,
 }
 
 impl<B: Backend> Decoder<B> {
@@ -144,19 +155,21 @@ impl<B: Backend> Decoder<B> {
             let up = if i + 1 < n { Some(Upsample2D::load(&wb.pp("upsamplers").pp(0), out, out)?) } else { None };
             blocks.push(DecoderBlock { resnets, up });
         }
+        let stages = stages(&blocks.iter().map(|b| (b.resnets.len(), b.up.is_some())).collect::<Vec<_>>());
         Ok(Self {
             conv_in: Conv2d::load(&w.pp("conv_in"), cin, ch[n - 1], 3, 1, 1)?,
             mid: MidBlock::load(&w.pp("mid_block"), ch[n - 1], cfg.resnet(), cfg.mid())?,
             blocks,
             norm_out: GroupNorm::load(&w.pp("conv_norm_out"), cfg.norm_num_groups, ch[0], EPS)?,
             conv_out: Conv2d::load(&w.pp("conv_out"), ch[0], cout, 3, 1, 1)?,
+            stages,
         })
     }
 
     pub fn forward(&self, z: &B::Tensor) -> Result<B::Tensor> {
         let mut h = self.forward_mid(z)?;
-        for b in 0..self.stages() {
-            h = self.forward_stage(b, &h, &mut |n, x| n.forward_silu(x))?;
+        for s in 0..self.stages() {
+            h = self.forward_stage(s, &h, &mut |n, x| n.forward_silu(x))?;
         }
         Ok(h)
     }
@@ -166,44 +179,87 @@ impl<B: Backend> Decoder<B> {
         self.mid.forward(&self.conv_in.forward(z)?, None, None)
     }
 
-    /// Stages of the rest of [`Self::forward`], one per up block: stage `b` is the upsampling
-    /// that ends block `b - 1` (none for the first), then block `b`'s resnets, and for the last
-    /// stage the output layers.
+    /// Stages of the rest of [`Self::forward`], for decoding in tiles (`pipelines::tiles`), which
+    /// holds each stage's input and output whole: each resnet is a stage, except that an
+    /// upsampling and the resnet after it are one (so the upsampled map, the largest of its
+    /// block, is never held whole), and the output layers are the last.
     pub fn stages(&self) -> usize {
-        self.blocks.len()
+        self.stages.len()
     }
 
-    /// Stage `b` ([`Self::stages`]) on `h`, every group norm (each followed by SiLU) applied by
+    /// Stage `s` ([`Self::stages`]) on `h`, every group norm (each followed by SiLU) applied by
     /// `norm`.
-    pub fn forward_stage(&self, b: usize, h: &B::Tensor, norm: &mut NormSilu<'_, B>) -> Result<B::Tensor> {
-        let mut h = match b.checked_sub(1).and_then(|p| self.blocks[p].up.as_ref()) {
-            Some(u) => u.forward(h, None)?,
-            None => h.clone(),
-        };
-        for r in &self.blocks[b].resnets {
-            h = r.forward_with(&h, None, norm)?;
-        }
-        if b + 1 == self.blocks.len() {
-            h = self.conv_out.forward(&norm(&self.norm_out, &h)?)?;
+    pub fn forward_stage(&self, s: usize, h: &B::Tensor, norm: &mut NormSilu<'_, B>) -> Result<B::Tensor> {
+        let mut h = h.clone();
+        for &part in &self.stages[s] {
+            h = match part {
+                Part::Resnet(b, j) => self.blocks[b].resnets[j].forward_with(&h, None, norm)?,
+                Part::Up(b) => match &self.blocks[b].up {
+                    Some(u) => u.forward(&h, None)?,
+                    None => h,
+                },
+                Part::Out => self.conv_out.forward(&norm(&self.norm_out, &h)?)?,
+            };
         }
         Ok(h)
     }
 
-    /// Output positions per input position of stage `b`, along each side.
-    pub fn stage_scale(&self, b: usize) -> usize {
-        if b > 0 && self.blocks[b - 1].up.is_some() { 2 } else { 1 }
+    /// Output positions per input position of stage `s`, along each side.
+    pub fn stage_scale(&self, s: usize) -> usize {
+        if self.stages[s].iter().any(|p| matches!(p, Part::Up(_))) { 2 } else { 1 }
     }
 
-    /// The group norms of stage `b`, in the order it applies them.
-    pub fn stage_norms(&self, b: usize) -> usize {
-        2 * self.blocks[b].resnets.len() + usize::from(b + 1 == self.blocks.len())
+    /// The group norms of stage `s`, in the order it applies them.
+    pub fn stage_norms(&self, s: usize) -> usize {
+        self.stages[s].iter().map(|p| match p { Part::Resnet(..) => 2, Part::Up(_) => 0, Part::Out => 1 }).sum()
     }
 
-    /// How many input positions away stage `b` looks from an output's own: each 3x3
+    /// How many input positions away stage `s` looks from an output's own: each 3x3
     /// convolution reaches one position further at the output's resolution. A part of the input
     /// with this much context on each side gives its centre exactly as the whole input would.
-    pub fn stage_reach(&self, b: usize) -> usize {
-        let convs = 2 * self.blocks[b].resnets.len() + usize::from(self.stage_scale(b) > 1) + usize::from(b + 1 == self.blocks.len());
-        convs.div_ceil(self.stage_scale(b))
+    pub fn stage_reach(&self, s: usize) -> usize {
+        let convs: usize = self.stages[s].iter().map(|p| match p { Part::Resnet(..) => 2, Part::Up(_) | Part::Out => 1 }).sum();
+        convs.div_ceil(self.stage_scale(s))
+    }
+}
+
+/// The stages of an up path whose blocks have `(resnets, upsampling)` ([`Decoder::stages`]).
+fn stages(blocks: &[(usize, bool)]) -> Vec<Vec<Part>> {
+    let mut stages = Vec::new();
+    let mut pending = None;
+    for (b, &(resnets, up)) in blocks.iter().enumerate() {
+        for j in 0..resnets {
+            stages.push(pending.take().into_iter().chain([Part::Resnet(b, j)]).collect());
+        }
+        if let Some(p) = pending.take() {
+            stages.push(vec![p]);
+        }
+        if up {
+            pending = Some(Part::Up(b));
+        }
+    }
+    stages.push(pending.into_iter().chain([Part::Out]).collect());
+    stages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_take_each_resnet_alone_and_each_upsampling_with_the_next_layer() {
+        use Part::*;
+        // the published decoders: three blocks of three resnets, upsampling after the first two
+        let s = stages(&[(3, true), (3, true), (3, false)]);
+        let want = vec![
+            vec![Resnet(0, 0)], vec![Resnet(0, 1)], vec![Resnet(0, 2)],
+            vec![Up(0), Resnet(1, 0)], vec![Resnet(1, 1)], vec![Resnet(1, 2)],
+            vec![Up(1), Resnet(2, 0)], vec![Resnet(2, 1)], vec![Resnet(2, 2)],
+            vec![Out],
+        ];
+        assert_eq!(s, want);
+        // no resnets in a block: its upsampling meets the next block's, or the output layers
+        assert_eq!(stages(&[(0, true), (0, true), (1, false)]), vec![vec![Up(0)], vec![Up(1), Resnet(2, 0)], vec![Out]]);
+        assert_eq!(stages(&[(1, true)]), vec![vec![Resnet(0, 0)], vec![Up(0), Out]]);
     }
 }

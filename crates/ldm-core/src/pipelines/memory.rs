@@ -165,10 +165,15 @@ pub(crate) fn decode_peak(ch: &[usize], layers: usize, mid: bool, h: usize, w: u
     if super::tiles::tiled(h, w) && n > 0 {
         let whole = decoder_levels(ch, layers, h * f, w * f, mid);
         let latent_levels = decoder_peak(1, &whole[n - 1..], t);
-        // stage b's output: block n-1-b's channels at 2^b latents' size; the last, the image
-        let out = |b: usize| if b + 1 == n { mul(&[3, (h * f) as u64, (w * f) as u64]) } else { mul(&[ch[n - 1 - b] as u64, (h as u64) << b, (w as u64) << b]) };
-        let input = |b: usize| if b == 0 { mul(&[ch[n - 1] as u64, h as u64, w as u64]) } else { out(b - 1) };
-        let maps = (0..n).map(|b| input(b).saturating_add(out(b)).saturating_mul(F32)).max().unwrap_or(0);
+        // each stage's input and output (`Decoder::stages`): block b's resnets give its
+        // channels at 4^b times the latents' positions, the first from the previous block's
+        // output before its upsampling; the output layers give the image
+        let map = |c: usize, b: usize| mul(&[c as u64, (h as u64) << b, (w as u64) << b]);
+        let block = |b: usize| ch[n - 1 - b];
+        let first = |b: usize| if b == 0 { map(ch[n - 1], 0) } else { map(block(b - 1), b - 1) };
+        let resnets = (0..n).map(|b| first(b).max(map(block(b), b)).saturating_add(map(block(b), b)));
+        let output = map(ch[0], n - 1).saturating_add(map(3, n - 1));
+        let maps = resnets.fold(output, u64::max).saturating_mul(F32);
         // a tile: at most TILE inputs a side, twice that in outputs, at any block's width
         let side = 2 * super::tiles::TILE as u64;
         let tile_levels: Vec<Level> = ch.iter().map(|&c| Level { positions: side * side, channels: c as u64, layers: layers as u64 + 1, heads: 0, context: 0 }).collect();

@@ -167,7 +167,8 @@ impl<B: Backend> SuperResolution<B> {
         let z = be.upload(latents, &[1, c, h, w])?;
         let (decoded, d) = if tiles::tiled(h, w) {
             let x = self.vqvae.decoder_input(&z, false)?;
-            let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, self.vqvae.decoder(), &x, tiles::TILE)?;
+            let mut tick = |done: usize, total: usize| report(&mut progress, Stage::Decode, done, total);
+            let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, self.vqvae.decoder(), &x, tiles::TILE, &mut tick)?;
             (chw_to_hwc(&chw, oc, oh * ow), [1, oc, oh, ow])
         } else {
             let decoded = self.vqvae.decode(&z, false)?;

@@ -7,15 +7,16 @@
 //!
 //! - the layers at the latents' resolution (`conv_in` and the mid block with its attention) run
 //!   on the whole latents, as they would untiled; their output is small (one latent's channels);
-//! - the up path runs on tiles of at most [`TILE`] latents a side: a core, and around it the
-//!   decoder's reach ([`Decoder::reach`]) of context, so that the core's pixels see exactly the
-//!   values they would see in the whole map. The cores cover the image once; no blending;
-//! - each group norm of the up path normalises with its whole input's statistics. Those depend
-//!   on every earlier norm, so they are gathered over the cores in [`STAT_PASSES`] passes that
-//!   decode without output, each pass normalising with the previous pass's statistics (the
-//!   first with each tile's own), before the pass that writes the image. A norm's statistics are
-//!   exact once every norm before it had exact ones; in practice two passes leave differences
-//!   in the output far below the 1e-3 that the tests require (`tests/tiles.rs`).
+//! - the up path runs in stages ([`Decoder::stages`]: a resnet, an upsampling with the resnet
+//!   after it, the output layers), each holding only its input and output whole, each on tiles
+//!   of at most [`TILE`] of its inputs a side: a core, and around it the stage's reach
+//!   ([`Decoder::stage_reach`]) of context, so that the core's outputs see exactly the values
+//!   they would see in the whole map. The cores cover the map once; no blending;
+//! - each group norm normalises with its whole input's statistics: a pass over the tiles per
+//!   norm of the stage gathers them (running each tile up to that norm, the earlier norms
+//!   already exact), then a last pass writes the stage's output. With one or two norms a stage,
+//!   the published decoders' up paths do about 1.5 times the convolutions of a whole decode
+//!   (2.5 times the upsamplings'), whatever the size.
 //!
 //! (diffusers' `AutoencoderKL.tiled_decode` instead blends independently decoded tiles, each with
 //! its own statistics and attention, which changes colours from tile to tile.)
@@ -32,8 +33,6 @@ pub const TILE: usize = 128;
 /// Latents are decoded whole up to this many a side (so the published models' usual sizes, and
 /// every size diffusers' own pipelines decode whole, are decoded as diffusers decodes them).
 pub const TILE_ABOVE: usize = 256;
-/// Passes over the tiles that only gather the norms' statistics.
-pub const STAT_PASSES: usize = 25;
 
 /// Whether latents of `h x w` are decoded in tiles.
 pub fn tiled(h: usize, w: usize) -> bool {
@@ -87,15 +86,31 @@ impl Sums {
     }
 }
 
+/// Reports the passes of a tiled decode as they end: `(done, total)`; an error (a cancelled
+/// run) stops the decode.
+pub type Tick<'a> = &'a mut dyn FnMut(usize, usize) -> Result<()>;
+
 /// Decodes one sample with `decoder`, from its input `x (1, C, h, w)` (the latents after
 /// `post_quant_conv`), each stage in tiles of at most `tile` of its input positions a side;
-/// returns `(O, f h, f w)` planes and their shape.
-pub fn decode_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, x: &B::Tensor, tile: usize) -> Result<(Vec<f32>, [usize; 3])> {
-    let mut h = decoder.forward_mid(x)?;
+/// returns `(O, f h, f w)` planes and their shape. `tick` hears of each pass over the tiles
+/// (and of the layers at the latents' resolution before them).
+pub fn decode_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, x: &B::Tensor, tile: usize, tick: Tick<'_>) -> Result<(Vec<f32>, [usize; 3])> {
     let stages = decoder.stages();
-    for b in 0..stages {
-        let (out, shape) = stage_tiled(be, decoder, b, &h, tile)?;
-        if b + 1 == stages {
+    let total = 1 + (0..stages).map(|s| decoder.stage_norms(s) + 1).sum::<usize>();
+    let mut done = 0;
+    tick(done, total)?;
+    let mut h = decoder.forward_mid(x)?;
+    done += 1;
+    tick(done, total)?;
+    for s in 0..stages {
+        let (out, shape) = stage_tiled(be, decoder, s, &h, tile, &mut |passes| {
+            done += passes;
+            tick(done, total)
+        })?;
+        if s + 1 == stages {
+            if done < total {
+                tick(total, total)?;
+            }
             return Ok((out, shape));
         }
         h = be.upload(out, &[1, shape[0], shape[1], shape[2]])?;
@@ -113,7 +128,8 @@ struct Tile {
 /// Stage `b` of `decoder` on `h (1, C, H, W)`, tile by tile: a pass for each of its group norms
 /// gathers that norm's statistics over every tile's core (normalising the earlier norms with
 /// theirs, and stopping the tile there), then a last pass gives the output `(O, sH, sW)`.
-fn stage_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, b: usize, h: &B::Tensor, tile: usize) -> Result<(Vec<f32>, [usize; 3])> {
+/// `passed` hears of each pass as it ends (all of them at once when one tile needs none).
+fn stage_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, b: usize, h: &B::Tensor, tile: usize, passed: &mut dyn FnMut(usize) -> Result<()>) -> Result<(Vec<f32>, [usize; 3])> {
     let d = be.dims(h);
     if d.len() != 4 || d[0] != 1 {
         return Err(Error::Backend(format!("tiled decoding takes one sample (1, C, H, W), not {d:?}")));
@@ -195,6 +211,7 @@ fn stage_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, b: usize, h: &B::Tensor
         if gather {
             stats.push(sums.stats());
         }
+        passed(if pass == norms { decoder.stage_norms(b) + 1 - norms } else { 1 })?;
     }
     Ok((image, [channels, s * d[2], s * d[3]]))
 }

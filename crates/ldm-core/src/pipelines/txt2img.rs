@@ -87,11 +87,11 @@ impl<B: Backend> LatentDecoder<B> {
         }
     }
     /// [`Self::decode`] of one sample `(1, C, h, w)` in tiles ([`tiles::decode_tiled`]), as
-    /// `(C, H, W)` planes and their shape.
-    pub fn decode_tiled(&self, be: &B, z: &B::Tensor) -> Result<(Vec<f32>, [usize; 3])> {
+    /// `(C, H, W)` planes and their shape; `tick` hears of its passes.
+    pub fn decode_tiled(&self, be: &B, z: &B::Tensor, tick: tiles::Tick<'_>) -> Result<(Vec<f32>, [usize; 3])> {
         match self {
-            Self::Kl(m) => tiles::decode_tiled(be, m.decoder(), &m.decoder_input(z)?, tiles::TILE),
-            Self::Vq(m) => tiles::decode_tiled(be, m.decoder(), &m.decoder_input(z, false)?, tiles::TILE),
+            Self::Kl(m) => tiles::decode_tiled(be, m.decoder(), &m.decoder_input(z)?, tiles::TILE, tick),
+            Self::Vq(m) => tiles::decode_tiled(be, m.decoder(), &m.decoder_input(z, false)?, tiles::TILE, tick),
         }
     }
 }
@@ -316,7 +316,8 @@ impl<B: Backend> TextToImage<B> {
             let mut all = Vec::new();
             let mut dims = [batch, 0, 0, 0];
             for i in 0..batch {
-                let (chw, [oc, oh, ow]) = self.vae.decode_tiled(be, &be.narrow(&z, 0, i, 1)?)?;
+                let mut tick = |done: usize, total: usize| report(&mut progress, Stage::Decode, i * total + done, batch * total);
+                let (chw, [oc, oh, ow]) = self.vae.decode_tiled(be, &be.narrow(&z, 0, i, 1)?, &mut tick)?;
                 all.extend(crate::pipelines::superres::chw_to_hwc(&chw, oc, oh * ow));
                 dims = [batch, oc, oh, ow];
             }

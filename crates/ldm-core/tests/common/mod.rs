@@ -63,9 +63,28 @@ pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) -> f3
 
 /// The first sample of `x` decoded by `decoder` tile by tile (`pipelines::tiles`, tiles of 4
 /// inputs a side: several in every stage of the fixtures' decoders) against diffusers' whole
-/// decode of it, the reference `name`; the max abs error.
+/// decode of it, the reference `name`; the max abs error. Also checks the decode's progress
+/// (every pass reported, in order, ending at its total) and that an error from the progress
+/// hook (a cancelled run) ends the decode with that error.
 pub fn tiled_decode_error<B: Backend>(be: &B, decoder: &Decoder<B>, x: &B::Tensor, r: &Reference, name: &str) -> f32 {
-    let (ours, shape) = tiles::decode_tiled(be, decoder, &be.narrow(x, 0, 0, 1).unwrap(), 4).unwrap();
+    let x = be.narrow(x, 0, 0, 1).unwrap();
+    let mut ticks = Vec::new();
+    let (ours, shape) = tiles::decode_tiled(be, decoder, &x, 4, &mut |done, total| {
+        ticks.push((done, total));
+        Ok(())
+    })
+    .unwrap();
     assert_eq!(shape[..], r.shape(name)[1..], "tiled decode's shape");
+    let total = ticks[0].1;
+    assert!(total > decoder.stages(), "{total} passes for {} stages", decoder.stages());
+    assert!(ticks.iter().all(|&(_, t)| t == total) && ticks.windows(2).all(|p| p[0].0 < p[1].0), "progress {ticks:?}");
+    assert_eq!((ticks[0].0, ticks[ticks.len() - 1].0), (0, total), "progress {ticks:?}");
+    let mut calls = 0;
+    let cancelled = tiles::decode_tiled(be, decoder, &x, 4, &mut |done, _| {
+        calls += 1;
+        if done >= 3 { Err(ldm_core::Error::Cancelled) } else { Ok(()) }
+    });
+    assert!(matches!(cancelled, Err(ldm_core::Error::Cancelled)), "a cancelled tiled decode ended with {:?}", cancelled.map(|(_, s)| s));
+    assert_eq!(calls, 4, "the decode went on after its progress hook failed");
     max_abs_diff(&ours, &r.f32(name)[..ours.len()])
 }
