@@ -165,7 +165,8 @@ impl<B: Backend> SuperResolution<B> {
 
         report(&mut progress, Stage::Decode, 0, 1)?;
         let z = be.upload(latents, &[1, c, h, w])?;
-        let (decoded, d) = if tiles::tiled(h, w) {
+        let tiled = tiles::tiled(h, w);
+        let (decoded, d) = if tiled {
             let x = self.vqvae.decoder_input(&z, false)?;
             let mut tick = |done: usize, total: usize| report(&mut progress, Stage::Decode, done, total);
             let (chw, [oc, oh, ow]) = tiles::decode_tiled(be, self.vqvae.decoder(), &x, tiles::TILE, &mut tick)?;
@@ -177,7 +178,10 @@ impl<B: Backend> SuperResolution<B> {
         };
         let pixels: Vec<f32> = decoded.iter().map(|v| v.clamp(-1.0, 1.0) / 2.0 + 0.5).collect();
         check_output("the decoder", &pixels)?;
-        report(&mut progress, Stage::Decode, 1, 1)?;
+        if !tiled {
+            // (a tiled decode reported its own passes)
+            report(&mut progress, Stage::Decode, 1, 1)?;
+        }
         Ok(Images { count: d[0], height: d[2], width: d[3], pixels })
     }
 }

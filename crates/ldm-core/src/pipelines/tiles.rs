@@ -14,9 +14,9 @@
 //!   they would see in the whole map. The cores cover the map once; no blending;
 //! - each group norm normalises with its whole input's statistics: a pass over the tiles per
 //!   norm of the stage gathers them (running each tile up to that norm, the earlier norms
-//!   already exact), then a last pass writes the stage's output. With one or two norms a stage,
-//!   the published decoders' up paths do about 1.5 times the convolutions of a whole decode
-//!   (2.5 times the upsamplings'), whatever the size.
+//!   already exact), then a last pass writes the stage's output. With two norms a stage, each
+//!   resnet's first convolution runs twice and each upsampling three times: about twice the
+//!   convolutions of a whole decode for the published decoders, whatever the size.
 //!
 //! (diffusers' `AutoencoderKL.tiled_decode` instead blends independently decoded tiles, each with
 //! its own statistics and attention, which changes colours from tile to tile.)

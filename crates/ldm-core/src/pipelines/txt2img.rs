@@ -312,7 +312,8 @@ impl<B: Backend> TextToImage<B> {
         let inv = (1.0 / self.vae.scaling_factor()) as f32;
         latents.iter_mut().for_each(|v| *v *= inv);
         let z = be.upload(latents, &shape)?;
-        let (image, d) = if tiles::tiled(shape[2], shape[3]) {
+        let tiled = tiles::tiled(shape[2], shape[3]);
+        let (image, d) = if tiled {
             let mut all = Vec::new();
             let mut dims = [batch, 0, 0, 0];
             for i in 0..batch {
@@ -329,7 +330,10 @@ impl<B: Backend> TextToImage<B> {
         };
         let pixels: Vec<f32> = image.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
         check_output("the decoder", &pixels)?;
-        report(&mut progress, Stage::Decode, 1, 1)?;
+        if !tiled {
+            // (a tiled decode reported its own passes)
+            report(&mut progress, Stage::Decode, 1, 1)?;
+        }
         Ok(Images { count: d[0], height: d[2], width: d[3], pixels })
     }
 }
