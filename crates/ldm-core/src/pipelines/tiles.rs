@@ -108,9 +108,6 @@ pub fn decode_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, x: &B::Tensor, til
             tick(done, total)
         })?;
         if s + 1 == stages {
-            if done < total {
-                tick(total, total)?;
-            }
             return Ok((out, shape));
         }
         h = be.upload(out, &[1, shape[0], shape[1], shape[2]])?;
