@@ -192,11 +192,15 @@ mod tests {
             let b: Vec<f32> = (0..o).map(|i| i as f32 * 0.25 - 0.5).collect();
             let want = naive(&x, &wt, &b, s);
             for (name, tiling) in [("F(2x2, 3x3)", &winograd::F2), ("F(4x4, 3x3)", &winograd::F4)] {
-                for band in [BAND_ELEMS, 36 * c.max(o) * w.div_ceil(2)] {
-                    let mut got = vec![0f32; want.len()];
-                    winograd::conv3x3(tiling, &x, &wt, Some(&b), s, &mut got, band).unwrap();
-                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                    assert!(err < 1e-4, "{name}, {s:?}, band {band}: {err}");
+                // on many threads each position's product is split into blocks of output channels
+                for threads in [1, 2, 24] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    for band in [BAND_ELEMS, 36 * c.max(o) * w.div_ceil(2)] {
+                        let mut got = vec![0f32; want.len()];
+                        pool.install(|| winograd::conv3x3(tiling, &x, &wt, Some(&b), s, &mut got, band)).unwrap();
+                        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                        assert!(err < 1e-4, "{name}, {s:?}, {threads} threads, band {band}: {err}");
+                    }
                 }
             }
         }

@@ -164,7 +164,7 @@ pub fn conv3x3(
     let aa = a * a;
     let u = t.kernels(weight, o, c);
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
-    // tile rows per band: the transformed input (c, a^2, tiles) and products (o, a^2, tiles)
+    // tile rows per band: the transformed input (c, a^2, tiles) and products (a^2, o, tiles)
     let band = (band_elems / (aa * c.max(o) * tw).max(1)).clamp(1, th);
     let mut v = vec![0f32; c * aa * band * tw];
     let mut prod = vec![0f32; o * aa * band * tw];
@@ -194,41 +194,28 @@ pub fn conv3x3(
                         }
                     },
                 );
-            // M_xi = U_xi V_xi for the a^2 positions
-            for xi in 0..aa {
-                let lhs = Mat {
-                    data: &u[xi * c..],
-                    rows: o,
-                    cols: c,
-                    rs: aa * c,
-                    cs: 1,
-                };
-                let rhs = Mat {
-                    data: &v[xi * tiles..c * aa * tiles],
-                    rows: c,
-                    cols: tiles,
-                    rs: aa * tiles,
-                    cs: 1,
-                };
-                let dstm = MatMut {
-                    data: &mut prod[xi * tiles..o * aa * tiles],
-                    rows: o,
-                    cols: tiles,
-                    rs: aa * tiles,
-                    cs: 1,
-                };
-                gemm(dstm, lhs, rhs, false, Par::Auto)?;
-            }
+            // M_xi = U_xi V_xi for the a^2 positions, stored (a^2, o, tiles): the positions'
+            // products are independent, so they (and, on many threads, blocks of their output
+            // channels) are the parallel tasks, each product on one thread
+            let ob = o.div_ceil((2 * rayon::current_num_threads()).div_ceil(aa));
+            prod[..aa * o * tiles].par_chunks_mut(o * tiles).enumerate().try_for_each(|(xi, pm)| {
+                pm.par_chunks_mut(ob * tiles).enumerate().try_for_each(|(bi, dst)| {
+                    let rows = dst.len() / tiles;
+                    let lhs = Mat { data: &u[(bi * ob * aa + xi) * c..], rows, cols: c, rs: aa * c, cs: 1 };
+                    let rhs = Mat { data: &v[xi * tiles..c * aa * tiles], rows: c, cols: tiles, rs: aa * tiles, cs: 1 };
+                    gemm(MatMut::rows(dst, rows, tiles), lhs, rhs, false, Par::Seq)
+                })
+            })?;
             // Y = A^T M A, plus the bias, into output rows m ty0 ..
+            let prod = &prod[..aa * o * tiles];
             dst.par_chunks_mut(h * w)
-                .zip(prod[..o * aa * tiles].par_chunks(aa * tiles))
                 .enumerate()
                 .for_each_init(
                     || vec![0f32; m * m * tw],
-                    |out_rows, (oi, (plane, mo))| {
+                    |out_rows, (oi, plane)| {
                         let b = bias.map_or(0.0, |b| b[oi]);
                         for ty in 0..rows {
-                            (t.output_row)(mo, tiles, ty * tw, tw, b, out_rows);
+                            (t.output_row)(&prod[oi * tiles..], o * tiles, ty * tw, tw, b, out_rows);
                             for i in 0..m {
                                 let y = m * (ty0 + ty) + i;
                                 if y < h {
@@ -376,13 +363,13 @@ fn input_lanes<const M: usize, const A: usize>(
 }
 
 /// The output transform of one row of `tw` tiles: `out` receives the `M` output rows (`M tw`
-/// values each), `A^T P A + bias` of the products `P[xi][tx]` at `prod[xi * tiles + toff + tx]`.
+/// values each), `A^T P A + bias` of the products `P[xi][tx]` at `prod[xi * stride + toff + tx]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn output_lanes<const M: usize, const A: usize>(
     at: impl Fn(&[V; A]) -> [V; M],
     prod: &[f32],
-    tiles: usize,
+    stride: usize,
     toff: usize,
     tw: usize,
     bias: f32,
@@ -396,7 +383,7 @@ fn output_lanes<const M: usize, const A: usize>(
         for (j, pj) in p.iter_mut().enumerate() {
             let col: [V; A] = std::array::from_fn(|k| {
                 let mut c = [0f32; L];
-                let start = (k * A + j) * tiles + toff + tx0;
+                let start = (k * A + j) * stride + toff + tx0;
                 copy_lanes(&mut c[..n], &prod[start..start + n]);
                 c
             });
@@ -424,8 +411,8 @@ macro_rules! per_tiling {
             }
         }
         crate::backend::cpu::math::dispatch! {
-            fn $output(prod: &[f32], tiles: usize, toff: usize, tw: usize, bias: f32, out: &mut [f32]) {
-                output_lanes::<$m, $a>($at, prod, tiles, toff, tw, bias, out)
+            fn $output(prod: &[f32], stride: usize, toff: usize, tw: usize, bias: f32, out: &mut [f32]) {
+                output_lanes::<$m, $a>($at, prod, stride, toff, tw, bias, out)
             }
         }
     )*};
