@@ -11,6 +11,7 @@ mod conv;
 mod conv_bf16;
 mod elementwise;
 mod gemm;
+mod linear;
 mod math;
 mod norm;
 mod vq;
@@ -127,6 +128,22 @@ fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out = vec![0f32; x.elem_count() / in_dim * out_dim];
     let bias = b.map(contiguous_f32).transpose()?;
     with_bf16(w, |packed| with_f32(x, |x| bf16::linear(&mut out, x, packed, bias.as_deref(), in_dim, out_dim)))???;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap_or(&mut 0) = out_dim;
+    tensor(out, &shape)
+}
+
+/// `x w^T (+ b)` for a weight packed by [`linear::pack`], an f32 tensor `(out / NR, in, NR)`.
+fn linear_packed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (panels, in_dim, width) = w.dims3()?;
+    let out_dim = panels * linear::NR;
+    let dims = x.dims();
+    if width != linear::NR || dims.last() != Some(&in_dim) {
+        return Err(Error::Backend(format!("linear: a packed weight of {:?} for input {dims:?}", w.dims())));
+    }
+    let mut out = vec![0f32; x.elem_count() / in_dim.max(1) * out_dim];
+    let bias = b.map(contiguous_f32).transpose()?;
+    with_f32(w, |packed| with_f32(x, |x| linear::linear(&mut out, x, packed, bias.as_deref(), in_dim, out_dim)))???;
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap_or(&mut 0) = out_dim;
     tensor(out, &shape)
@@ -279,6 +296,11 @@ impl Backend for Cpu {
             let shape = [out_dim / bf16::NR, in_dim / 2, 2 * bf16::NR];
             return Ok(Tensor::from_vec(packed, &shape[..], &Device::Cpu)?);
         }
+        if linear::packable(out_dim, in_dim) {
+            let packed = linear::pack(&data, out_dim, in_dim)?;
+            drop(data);
+            return tensor(packed, &[out_dim / linear::NR, in_dim, linear::NR]);
+        }
         // (in, out) row-major, seen as its transpose: the (out, in) tensor with strides (1, out)
         let t = elementwise::transpose(&data, out_dim, in_dim);
         drop(data);
@@ -288,6 +310,9 @@ impl Backend for Cpu {
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         if w.dtype() == DType::BF16 {
             return linear_bf16(x, w, b);
+        }
+        if w.rank() == 3 {
+            return linear_packed(x, w, b);
         }
         let dims = x.dims();
         let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
@@ -416,7 +441,14 @@ mod tests {
 
     #[test]
     fn linear_reads_transposed_and_row_major_weights_alike() {
-        let (rows, inner, out) = (5, 37, 70);
+        for out in [70, 48] {
+            linear_weights_alike(out);
+        }
+    }
+
+    /// 70 outputs stay a transposed (in, out) weight; 48 are packed in panels ([`linear`]).
+    fn linear_weights_alike(out: usize) {
+        let (rows, inner) = (5, 37);
         let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
         let w: Vec<f32> = (0..out * inner).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
         let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.1).collect();
@@ -424,20 +456,26 @@ mod tests {
         let xt = be.upload(x.clone(), &[rows, inner]).unwrap();
         let plain = be.upload(w.clone(), &[out, inner]).unwrap();
         let prepared = be.upload_linear_weight(w.clone(), out, inner).unwrap();
-        assert_eq!(prepared.dims(), &[out, inner]);
-        assert_eq!(be.download(&prepared).unwrap(), w, "the prepared weight holds the same values");
+        if out == 70 {
+            assert_eq!(prepared.dims(), &[out, inner]);
+            assert_eq!(be.download(&prepared).unwrap(), w, "the prepared weight holds the same values");
+        } else {
+            assert_eq!(prepared.dims(), &[out / linear::NR, inner, linear::NR]);
+        }
         let bt = be.upload(b.clone(), &[out]).unwrap();
         let a = be.download(&be.linear(&xt, &plain, Some(&bt)).unwrap()).unwrap();
         let c = be.download(&be.linear(&xt, &prepared, Some(&bt)).unwrap()).unwrap();
         for r in 0..rows {
             for o in 0..out {
                 let want = b[o] as f64 + (0..inner).map(|k| x[r * inner + k] as f64 * w[o * inner + k] as f64).sum::<f64>();
-                for (name, got) in [("row-major", &a), ("transposed", &c)] {
+                for (name, got) in [("row-major", &a), ("prepared", &c)] {
                     let err = (got[r * out + o] as f64 - want).abs();
                     assert!(err < 1e-4, "{name} weight at ({r}, {o}): {err}");
                 }
             }
         }
+        let wrong = be.upload(x.clone(), &[inner, rows]).unwrap();
+        assert!(be.linear(&wrong, &prepared, None).is_err(), "an input of the wrong width");
         assert!(be.upload_linear_weight(w, out, inner + 1).unwrap_err().to_string().contains("linear weight"));
     }
 

@@ -203,10 +203,11 @@ pub fn conv3x3(
             let ob = o.div_ceil((2 * rayon::current_num_threads()).div_ceil(aa));
             prod[..aa * o * tiles].par_chunks_mut(o * tiles).enumerate().try_for_each(|(xi, pm)| {
                 pm.par_chunks_mut(ob * tiles).enumerate().try_for_each(|(bi, dst)| {
-                    let rows = dst.len() / tiles;
-                    let lhs = Mat { data: &u[(bi * ob * aa + xi) * c..], rows, cols: c, rs: aa * c, cs: 1 };
+                    // output channels bi ob .. bi ob + outs
+                    let outs = dst.len() / tiles;
+                    let lhs = Mat { data: &u[(bi * ob * aa + xi) * c..], rows: outs, cols: c, rs: aa * c, cs: 1 };
                     let rhs = Mat { data: &v[xi * tiles..c * aa * tiles], rows: c, cols: tiles, rs: aa * tiles, cs: 1 };
-                    gemm(MatMut::rows(dst, rows, tiles), lhs, rhs, false, Par::Seq)
+                    gemm(MatMut::rows(dst, outs, tiles), lhs, rhs, false, Par::Seq)
                 })
             })?;
             // Y = A^T M A, plus the bias, into output rows m ty0 ..
