@@ -229,8 +229,9 @@ fn products_on(
     run_tasks(panels * row_tasks, rows * out_dim * in_dim, task);
 }
 
-/// Tasks `0..tasks` on the thread pool, or on this thread for small products.
-fn run_tasks(tasks: usize, work: usize, task: impl Fn(usize) + Sync + Send) {
+/// Tasks `0..tasks` on the thread pool, or on this thread for small products (also the f32
+/// linear layers' [`super::linear`]).
+pub(super) fn run_tasks(tasks: usize, work: usize, task: impl Fn(usize) + Sync + Send) {
     if work >= PARALLEL_MIN && rayon::current_num_threads() > 1 {
         (0..tasks).into_par_iter().for_each(task);
     } else {
@@ -290,20 +291,21 @@ pub fn native() -> bool {
     }
 }
 
+/// The output of parallel tasks that write disjoint blocks of it (also [`super::linear`]).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: the tasks write disjoint parts of the one buffer through it.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-/// What a block's sums start from.
+/// What a block's sums start from (also in [`super::linear`]).
 #[derive(Clone, Copy)]
-enum Init<'a> {
+pub(super) enum Init<'a> {
     /// The bias (or zero): the first block of the input positions.
     Bias(Option<&'a [f32]>),
     /// The values already in the output.

@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::bf16::{run_tasks, Init, SendPtr};
 use crate::{Error, Result};
 
 /// Output columns per panel (two AVX2 registers).
@@ -22,8 +23,6 @@ const MR: usize = 6;
 const KC: usize = 256;
 /// Rows per parallel task.
 const MC: usize = 32 * MR;
-/// Products smaller than this many multiply-adds run on the calling thread.
-const PARALLEL_MIN: usize = 1 << 18;
 
 /// Whether a `(out, in)` weight can be packed.
 pub fn packable(out_dim: usize, in_dim: usize) -> bool {
@@ -77,7 +76,7 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_di
                     // above) and this task's alone
                     c: dst.get().wrapping_add(i * out_dim + p * NR),
                     ldc: out_dim,
-                    init: if k0 == 0 { Some(bias) } else { None },
+                    init: if k0 == 0 { Init::Bias(bias) } else { Init::Accumulate },
                 };
                 // SAFETY: `c` as said where it is formed; `a` holds `mr` rows of `kc` values
                 // `lda` apart (the rows lie in `x`, checked above).
@@ -85,23 +84,8 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_di
             }
         }
     };
-    if rows * out_dim * in_dim >= PARALLEL_MIN && rayon::current_num_threads() > 1 {
-        (0..panels * chunks).into_par_iter().for_each(task);
-    } else {
-        (0..panels * chunks).for_each(task);
-    }
+    run_tasks(panels * chunks, rows * out_dim * in_dim, task);
     Ok(())
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the tasks write disjoint parts of the one buffer through it.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One micro-kernel call: `C[r][j] (+)= sum_k A[r][k] B[k][j]` for `r < mr`, `j < NR`.
@@ -113,8 +97,7 @@ struct Block<'a> {
     mr: usize,
     c: *mut f32,
     ldc: usize,
-    /// `Some(bias)`: the block starts from the bias (or zero); `None`: it adds to `C`.
-    init: Option<Option<&'a [f32]>>,
+    init: Init<'a>,
 }
 
 impl Block<'_> {
@@ -143,12 +126,12 @@ impl Block<'_> {
             }
             let c = std::slice::from_raw_parts_mut(self.c.add(r * self.ldc), NR);
             match self.init {
-                Some(bias) => {
+                Init::Bias(bias) => {
                     for (j, d) in c.iter_mut().enumerate() {
                         *d = acc[j] + bias.map_or(0.0, |b| b[j]);
                     }
                 }
-                None => c.iter_mut().zip(acc).for_each(|(d, s)| *d += s),
+                Init::Accumulate => c.iter_mut().zip(acc).for_each(|(d, s)| *d += s),
             }
         }
     }
@@ -167,7 +150,7 @@ fn avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Block, MR, NR};
+    use super::{Block, Init, MR, NR};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -202,9 +185,9 @@ mod avx2 {
         for r in 0..R {
             let c = k.c.add(r * k.ldc);
             let (base0, base1) = match k.init {
-                Some(Some(bias)) => (_mm256_loadu_ps(bias.as_ptr()), _mm256_loadu_ps(bias.as_ptr().add(8))),
-                Some(None) => (_mm256_setzero_ps(), _mm256_setzero_ps()),
-                None => (_mm256_loadu_ps(c), _mm256_loadu_ps(c.add(8))),
+                Init::Bias(Some(bias)) => (_mm256_loadu_ps(bias.as_ptr()), _mm256_loadu_ps(bias.as_ptr().add(8))),
+                Init::Bias(None) => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+                Init::Accumulate => (_mm256_loadu_ps(c), _mm256_loadu_ps(c.add(8))),
             };
             _mm256_storeu_ps(c, _mm256_add_ps(lo[r], base0));
             _mm256_storeu_ps(c.add(8), _mm256_add_ps(hi[r], base1));
@@ -256,7 +239,7 @@ mod tests {
                                     mr: MR.min(rows - i),
                                     c: out[i * out_dim + p * NR..].as_mut_ptr(),
                                     ldc: out_dim,
-                                    init: if k0 == 0 { Some(bias.map(|b| &b[p * NR..][..NR])) } else { None },
+                                    init: if k0 == 0 { Init::Bias(bias.map(|b| &b[p * NR..][..NR])) } else { Init::Accumulate },
                                 };
                                 unsafe { block.run(native) };
                             }
