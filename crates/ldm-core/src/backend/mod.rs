@@ -129,6 +129,34 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.silu(&self.group_norm(x, groups, gamma, beta, eps)?)
     }
 
+    /// `conv2d(group_norm_silu(x, ...), w, b, stride, padding)`: the norm, SiLU and convolution
+    /// that every resnet (and a decoder's output) applies. A backend may normalise the input as
+    /// the convolution reads it, never holding the normalised map (the CPU backend does, for
+    /// the 3x3 convolutions it does by Winograd's method). Defaults to the two steps.
+    fn group_norm_silu_conv2d(
+        &self,
+        x: &Self::Tensor,
+        (groups, gamma, beta, eps): (usize, &Self::Tensor, &Self::Tensor, f64),
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self::Tensor> {
+        self.conv2d(&self.group_norm_silu(x, groups, gamma, beta, eps)?, w, b, stride, padding)
+    }
+
+    /// A 3x3 convolution (stride 1, padding 1) of `x (N, C, H, W)` upsampled to `(2H, 2W)` by
+    /// nearest neighbour: diffusers' `Upsample2D`. A backend may upsample as the convolution
+    /// reads its input, never holding the upsampled map (the CPU backend does where it uses
+    /// Winograd's method). Defaults to the two steps.
+    fn upsample2x_conv3x3(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+        let d = self.dims(x);
+        if d.len() != 4 {
+            return Err(crate::Error::Backend(format!("upsample2x_conv3x3 of {d:?}")));
+        }
+        self.conv2d(&self.upsample_nearest(x, 2 * d[2], 2 * d[3])?, w, b, 1, 1)
+    }
+
     /// GEGLU over the last dimension `2 * n`: `hidden * gelu(gate)` of its two halves, `(..., n)`.
     fn geglu(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
         let d = self.dims(t);

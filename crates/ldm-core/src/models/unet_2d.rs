@@ -212,8 +212,7 @@ impl<B: Backend> UNet2DModel<B> {
         for block in &self.up_blocks {
             h = block.forward(&h, Some(&emb), None, &mut skips)?;
         }
-        let h = self.conv_norm_out.forward_silu(&h)?;
-        self.conv_out.forward(&h)
+        self.conv_out.forward_norm_silu(&self.conv_norm_out, &h)
     }
 }
 

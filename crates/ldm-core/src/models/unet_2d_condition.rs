@@ -252,8 +252,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             h = block.forward(&h, Some(&emb), Some(encoder_hidden_states), &mut skips)?;
         }
-        let h = self.conv_norm_out.forward_silu(&h)?;
-        self.conv_out.forward(&h)
+        self.conv_out.forward_norm_silu(&self.conv_norm_out, &h)
     }
 }
 

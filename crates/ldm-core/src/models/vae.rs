@@ -110,7 +110,7 @@ impl<B: Backend> Encoder<B> {
             }
         }
         h = self.mid.forward(&h, None, None)?;
-        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
+        self.conv_out.forward_norm_silu(&self.norm_out, &h)
     }
 }
 
@@ -169,7 +169,7 @@ impl<B: Backend> Decoder<B> {
     pub fn forward(&self, z: &B::Tensor) -> Result<B::Tensor> {
         let mut h = self.forward_mid(z)?;
         for s in 0..self.stages() {
-            h = self.forward_stage(s, &h, &mut |n, x| n.forward_silu(x))?;
+            h = self.forward_stage(s, h, None)?;
         }
         Ok(h)
     }
@@ -188,17 +188,17 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Stage `s` ([`Self::stages`]) on `h`, every group norm (each followed by SiLU) applied by
-    /// `norm`.
-    pub fn forward_stage(&self, s: usize, h: &B::Tensor, norm: &mut NormSilu<'_, B>) -> Result<B::Tensor> {
-        let mut h = h.clone();
+    /// `norm` where one is given (else with the convolution after it). Each map is freed as soon as the stage has read it, `h` included where the caller holds
+    /// no other handle to it.
+    pub fn forward_stage(&self, s: usize, mut h: B::Tensor, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
         for &part in &self.stages[s] {
             h = match part {
-                Part::Resnet(b, j) => self.blocks[b].resnets[j].forward_with(&h, None, norm)?,
+                Part::Resnet(b, j) => self.blocks[b].resnets[j].forward_owned(h, None, norm.as_deref_mut())?,
                 Part::Up(b) => match &self.blocks[b].up {
                     Some(u) => u.forward(&h, None)?,
                     None => h,
                 },
-                Part::Out => self.conv_out.forward(&norm(&self.norm_out, &h)?)?,
+                Part::Out => self.conv_out.forward_normed(&self.norm_out, &h, norm.as_deref_mut())?,
             };
         }
         Ok(h)

@@ -50,6 +50,22 @@ impl<B: Backend> Conv2d<B> {
     pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
         self.be.conv2d(x, &self.w, Some(&self.b), self.stride, self.padding)
     }
+
+    /// `self.forward(norm.forward_silu(x))`, the normalised map left to the backend
+    /// ([`Backend::group_norm_silu_conv2d`]).
+    pub fn forward_norm_silu(&self, norm: &GroupNorm<B>, x: &B::Tensor) -> Result<B::Tensor> {
+        let n = (norm.groups, &norm.gamma, &norm.beta, norm.eps);
+        self.be.group_norm_silu_conv2d(x, n, &self.w, Some(&self.b), self.stride, self.padding)
+    }
+
+    /// `self.forward` on `x` normalised by `norm`: by the caller's `NormSilu` where one is given,
+    /// else by [`Self::forward_norm_silu`].
+    pub fn forward_normed(&self, norm: &GroupNorm<B>, x: &B::Tensor, with: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
+        match with {
+            Some(f) => self.forward(&f(norm, x)?),
+            None => self.forward_norm_silu(norm, x),
+        }
+    }
 }
 
 /// `torch.nn.GroupNorm` with affine parameters.
@@ -239,29 +255,39 @@ impl<B: Backend> ResnetBlock2D<B> {
     }
 
     pub fn forward(&self, x: &B::Tensor, temb: Option<&B::Tensor>) -> Result<B::Tensor> {
-        self.forward_with(x, temb, &mut |n, x| n.forward_silu(x))
+        self.forward_with(x, temb, None)
     }
 
-    /// [`Self::forward`] with its two norms applied by `norm`.
-    pub fn forward_with(&self, x: &B::Tensor, temb: Option<&B::Tensor>, norm: &mut NormSilu<'_, B>) -> Result<B::Tensor> {
+    /// [`Self::forward`] with its two norms applied by `norm` where one is given (else each is
+    /// left to the convolution after it, [`Conv2d::forward_norm_silu`]).
+    pub fn forward_with(&self, x: &B::Tensor, temb: Option<&B::Tensor>, norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
+        self.forward_owned(x.clone(), temb, norm)
+    }
+
+    /// [`Self::forward_with`] taking the input: where the caller holds no other handle to it,
+    /// it is freed as soon as the first convolution and the shortcut have read it.
+    pub fn forward_owned(&self, x: B::Tensor, temb: Option<&B::Tensor>, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
         let be = &self.be;
-        let mut h = self.conv1.forward(&norm(&self.norm1, x)?)?;
+        let mut h = self.conv1.forward_normed(&self.norm1, &x, norm.as_deref_mut())?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&be.silu(t)?)?;
             let d = be.dims(&t);
             h = be.add(&h, &be.reshape(&t, &[d[0], d[1], 1, 1])?)?;
         }
-        // each intermediate map is dropped as soon as the next is made: at most the input, one
-        // normalised map and one output are alive (what the memory estimate counts)
-        let normed = norm(&self.norm2, &h)?;
-        drop(h);
-        let h = self.conv2.forward(&normed)?;
-        drop(normed);
+        // each map is dropped as soon as nothing reads it: at most the input (or the shortcut's
+        // output), one normalised map (none where the convolution normalises as it reads it)
+        // and one output are alive (what the memory estimate counts)
         let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
+            Some(c) => {
+                let skip = c.forward(&x)?;
+                drop(x);
+                skip
+            }
+            None => x,
         };
-        let out = be.add(&skip, &h)?;
+        let h2 = self.conv2.forward_normed(&self.norm2, &h, norm)?;
+        drop(h);
+        let out = be.add(&skip, &h2)?;
         if self.output_scale_factor != 1.0 {
             be.affine(&out, 1.0 / self.output_scale_factor, 0.0)
         } else {
@@ -312,6 +338,9 @@ impl<B: Backend> Upsample2D<B> {
     pub fn forward(&self, x: &B::Tensor, size: Option<(usize, usize)>) -> Result<B::Tensor> {
         let d = self.be.dims(x);
         let (h, w) = size.unwrap_or((d[2] * 2, d[3] * 2));
+        if d.len() == 4 && (h, w) == (2 * d[2], 2 * d[3]) {
+            return self.be.upsample2x_conv3x3(x, &self.conv.w, Some(&self.conv.b));
+        }
         self.conv.forward(&self.be.upsample_nearest(x, h, w)?)
     }
 }

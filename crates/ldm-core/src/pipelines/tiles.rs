@@ -180,7 +180,7 @@ fn stage_tiled<B: Backend>(be: &B, decoder: &Decoder<B>, b: usize, h: &B::Tensor
                 seen += 1;
                 out
             };
-            let out = match decoder.forward_stage(b, &input, &mut norm) {
+            let out = match decoder.forward_stage(b, input.clone(), Some(&mut norm)) {
                 Err(_) if stopped => continue,
                 Err(e) => return Err(e),
                 Ok(_) if gather => return Err(Error::Backend(format!("stage {b} of the decoder applied fewer than {norms} norms"))),

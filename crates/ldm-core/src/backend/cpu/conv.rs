@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Mat, MatMut, Par};
-use super::winograd;
+use super::winograd::{self, Prologue};
 use crate::{Error, Result};
 
 /// The most `cols` elements of one band (16 MiB of float32).
@@ -49,24 +49,48 @@ impl ConvShape {
 
 /// `x (n, c, h, w)` convolved with `weight (o, c, kh, kw)` plus `bias (o)`: `(n, o, oh, ow)`.
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Result<Vec<f32>> {
-    conv2d_banded(x, weight, bias, s, BAND_ELEMS)
+    conv2d_banded(x, weight, bias, s, Prologue::default(), BAND_ELEMS)
 }
 
-fn conv2d_banded(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape, band_elems: usize) -> Result<Vec<f32>> {
+/// [`conv2d`] of the input that `pro` makes from `x` (`s` is the shape of that input). The
+/// Winograd path makes it a row at a time as it reads it; the others make the whole map first.
+pub fn conv2d_with(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape, pro: Prologue<'_>) -> Result<Vec<f32>> {
+    conv2d_banded(x, weight, bias, s, pro, BAND_ELEMS)
+}
+
+fn conv2d_banded(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    pro: Prologue<'_>,
+    band_elems: usize,
+) -> Result<Vec<f32>> {
     let (oh, ow) = s.out_hw()?;
     if s.c * s.h * s.w == 0 {
         return Err(Error::Backend(format!("conv2d: empty input planes in {s:?}")));
     }
     let k = s.c * s.kh * s.kw;
-    if x.len() != s.n * s.c * s.h * s.w || weight.len() != s.o * k || bias.is_some_and(|b| b.len() != s.o) {
+    let stored = if pro.up2 { (s.h / 2) * (s.w / 2) } else { s.h * s.w };
+    if (pro.up2 && (!s.h.is_multiple_of(2) || !s.w.is_multiple_of(2))) || pro.norm_silu.is_some_and(|(a, b)| a.len() != s.n * s.c || b.len() != s.n * s.c) {
+        return Err(Error::Backend(format!("conv2d: {pro:?} does not fit {s:?}")));
+    }
+    if x.len() != s.n * s.c * stored || weight.len() != s.o * k || bias.is_some_and(|b| b.len() != s.o) {
         return Err(Error::Backend(format!("conv2d: buffer sizes do not match {s:?}")));
     }
     let plane = oh * ow;
     let mut out = vec![0f32; s.n * s.o * plane];
     if let Some(tiling) = winograd::choose(s) {
-        winograd::conv3x3(tiling, x, weight, bias, s, &mut out, band_elems)?;
+        winograd::conv3x3(tiling, x, weight, bias, s, pro, &mut out, band_elems)?;
         return Ok(out);
     }
+    let made;
+    let x = if pro.is_identity() {
+        x
+    } else {
+        made = pro.apply(x, s);
+        &made[..]
+    };
     let w = Mat::rows(weight, s.o, k);
     if s.n > 1 && plane < BATCH_PLANE && k * s.n * plane <= band_elems {
         // small feature maps: every image's columns side by side in one product
@@ -197,7 +221,7 @@ mod tests {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     for band in [BAND_ELEMS, 36 * c.max(o) * w.div_ceil(2)] {
                         let mut got = vec![0f32; want.len()];
-                        pool.install(|| winograd::conv3x3(tiling, &x, &wt, Some(&b), s, &mut got, band)).unwrap();
+                        pool.install(|| winograd::conv3x3(tiling, &x, &wt, Some(&b), s, Prologue::default(), &mut got, band)).unwrap();
                         let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                         assert!(err < 1e-4, "{name}, {s:?}, {threads} threads, band {band}: {err}");
                     }
@@ -238,10 +262,62 @@ mod tests {
             let want = naive(&x, &wt, &b, s);
             // whole images, and bands of a few rows (the large-image path)
             for band in [BAND_ELEMS, 3 * c * k * k * w] {
-                let got = conv2d_banded(&x, &wt, Some(&b), s, band).unwrap();
+                let got = conv2d_banded(&x, &wt, Some(&b), s, Prologue::default(), band).unwrap();
                 let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                 assert!(err < 1e-4, "{s:?}, band {band}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn prologues_give_the_convolution_of_the_map_they_stand_for() {
+        // (n, c, stored h, stored w, o, up2, norm): the Winograd tilings (both sizes, several
+        // bands) make the input a row at a time; the other paths make the whole map first
+        for (n, c, h, w, o, up2, norm) in [
+            (1, 3, 16, 12, 4, true, false),
+            (1, 3, 24, 24, 2, true, true),
+            (2, 5, 7, 9, 3, true, true),
+            (1, 4, 40, 36, 5, false, true),
+            (2, 3, 12, 12, 2, false, true),
+            (1, 2, 3, 4, 3, true, true),
+            (1, 3, 2, 2, 2, false, true),
+        ] {
+            let f = if up2 { 2 } else { 1 };
+            let s = ConvShape { n, c, h: f * h, w: f * w, o, kh: 3, kw: 3, stride: 1, padding: 1 };
+            let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 7919) % 101) as f32 / 25.0 - 2.0).collect();
+            let wt: Vec<f32> = (0..o * c * 9).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
+            let b: Vec<f32> = (0..o).map(|i| i as f32 * 0.25 - 0.5).collect();
+            let a_: Vec<f32> = (0..n * c).map(|k| 0.5 + k as f32 * 0.3).collect();
+            let b_: Vec<f32> = (0..n * c).map(|k| k as f32 * 0.2 - 0.7).collect();
+            // the map by the definitions: nearest upsampling, then silu(x a + b) per (image, channel)
+            let mut map = vec![0f32; n * c * s.h * s.w];
+            for k in 0..n * c {
+                for y in 0..s.h {
+                    for xx in 0..s.w {
+                        let mut v = x[(k * h + y / f) * w + xx / f] as f64;
+                        if norm {
+                            v = v * a_[k] as f64 + b_[k] as f64;
+                            v /= 1.0 + (-v).exp();
+                        }
+                        map[(k * s.h + y) * s.w + xx] = v as f32;
+                    }
+                }
+            }
+            let want = naive(&map, &wt, &b, s);
+            let pro = Prologue { up2, norm_silu: norm.then_some((&a_[..], &b_[..])) };
+            let winograd = winograd::choose(s).map(|t| t.m);
+            for band in [BAND_ELEMS, 36 * c.max(o) * s.w.div_ceil(2)] {
+                let got = conv2d_banded(&x, &wt, Some(&b), s, pro, band).unwrap();
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(err < 1e-4, "{s:?} {pro:?} (winograd tile {winograd:?}), band {band}: {err}");
+            }
+        }
+        // a prologue that does not fit the shape is refused
+        let s = ConvShape { n: 1, c: 2, h: 5, w: 4, o: 1, kh: 3, kw: 3, stride: 1, padding: 1 };
+        let up = Prologue { up2: true, norm_silu: None };
+        assert!(conv2d_with(&[0.0; 10], &[0.0; 18], None, s, up).unwrap_err().to_string().contains("does not fit"));
+        let short = [1.0f32; 1];
+        let pro = Prologue { up2: false, norm_silu: Some((&short[..], &short[..])) };
+        assert!(conv2d_with(&[0.0; 40], &[0.0; 18], None, s, pro).unwrap_err().to_string().contains("does not fit"));
     }
 }

@@ -94,7 +94,8 @@ macro_rules! dispatch_fn {
 pub(crate) use dispatch_fn as dispatch;
 
 dispatch! {
-    fn silu_seq(xs: &mut [f32]) {
+    /// SiLU in place on this thread ([`silu_inplace`] spreads a long slice over the pool).
+    pub(super) fn silu_seq(xs: &mut [f32]) {
         for x in xs.iter_mut() {
             *x = silu(*x);
         }

@@ -86,6 +86,10 @@ fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
+/// Input maps of at least this many values are normalised as the convolution reads them
+/// whatever the Winograd tile (see `group_norm_silu_conv2d`): 16 MiB of float32.
+const FUSED_NORM_ALWAYS: usize = 1 << 22;
+
 /// candle on the CPU, with f32 weights. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Cpu {
@@ -368,6 +372,45 @@ impl Backend for Cpu {
         Ok(x.pad_with_zeros(r - 1, pad[2], pad[3])?)
     }
 
+    fn group_norm_silu_conv2d(
+        &self,
+        x: &Tensor,
+        (groups, gamma, beta, eps): (usize, &Tensor, &Tensor, f64),
+        w: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        // with F(2x2) each input row is made twice (F(4x4): 1.5 times), SiLU and all: slower
+        // than one pass over a map that small, whose memory does not matter
+        let fuse = |(s, t): (conv::ConvShape, &winograd::Tiling)| t.m == 4 || s.n * s.c * s.h * s.w >= FUSED_NORM_ALWAYS;
+        let Some((s, _)) = self.winograd_shape(x, w, stride, padding, false).filter(|&st| fuse(st)) else {
+            return self.conv2d(&self.group_norm_silu(x, groups, gamma, beta, eps)?, w, b, stride, padding);
+        };
+        let (g, bt) = (contiguous_f32(gamma)?, contiguous_f32(beta)?);
+        let bias = b.map(contiguous_f32).transpose()?;
+        let out = with_f32(x, |x| {
+            let (a, ab) = norm::group_affine(x, s.n, s.c, s.h * s.w, groups, &g, &bt, eps)?;
+            let pro = winograd::Prologue { up2: false, norm_silu: Some((&a, &ab)) };
+            with_f32(w, |w| conv::conv2d_with(x, w, bias.as_deref(), s, pro))?
+        })??;
+        tensor(out, &[s.n, s.o, s.h, s.w])
+    }
+
+    fn upsample2x_conv3x3(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let Some((s, _)) = self.winograd_shape(x, w, 1, 1, true) else {
+            let d = x.dims();
+            if d.len() != 4 {
+                return Err(Error::Backend(format!("upsample2x_conv3x3 of {d:?}")));
+            }
+            return self.conv2d(&self.upsample_nearest(x, 2 * d[2], 2 * d[3])?, w, b, 1, 1);
+        };
+        let bias = b.map(contiguous_f32).transpose()?;
+        let pro = winograd::Prologue { up2: true, norm_silu: None };
+        let out = with_f32(x, |x| with_f32(w, |w| conv::conv2d_with(x, w, bias.as_deref(), s, pro)))???;
+        tensor(out, &[s.n, s.o, s.h, s.w])
+    }
+
     fn upsample_nearest(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let d = x.dims();
         if d.len() < 2 {
@@ -424,6 +467,19 @@ impl Backend for Cpu {
 }
 
 impl Cpu {
+    /// The shape of a convolution of `x` (upsampled 2x when `up2`) by the f32 weight `w` where
+    /// it is done by Winograd's method, which can make its input as it reads it
+    /// ([`winograd::Prologue`]); `None` where it is not (it then needs its input whole).
+    fn winograd_shape(&self, x: &Tensor, w: &Tensor, stride: usize, padding: usize, up2: bool) -> Option<(conv::ConvShape, &'static winograd::Tiling)> {
+        let (xd, wd) = (x.dims(), w.dims());
+        if w.dtype() != DType::F32 || xd.len() != 4 || wd.len() != 4 || xd[1] != wd[1] {
+            return None;
+        }
+        let f = if up2 { 2 } else { 1 };
+        let s = conv::ConvShape { n: xd[0], c: xd[1], h: f * xd[2], w: f * xd[3], o: wd[0], kh: wd[2], kw: wd[3], stride, padding };
+        winograd::choose(s).map(|t| (s, t))
+    }
+
     fn group_norm_act(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
         let dims = x.dims();
         if dims.len() < 2 {
@@ -438,6 +494,37 @@ impl Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_norm_and_upsampling_convolutions_equal_the_two_steps() {
+        let be = Cpu::new();
+        let t = |n: usize, shape: &[usize], k: usize| {
+            let v: Vec<f32> = (0..n).map(|i| ((i * k) % 97) as f32 / 24.0 - 2.0).collect();
+            be.upload(v, shape).unwrap()
+        };
+        // 64x64 and 48x48: Winograd (fused); 8x8: im2col (the two steps inside the backend)
+        for (n, c, side, o) in [(2, 8, 64, 6), (1, 6, 48, 4), (2, 4, 8, 3)] {
+            let x = t(n * c * side * side, &[n, c, side, side], 7919);
+            let w = t(o * c * 9, &[o, c, 3, 3], 104729);
+            let b = t(o, &[o], 31);
+            let (gamma, beta) = (t(c, &[c], 13), t(c, &[c], 17));
+            let want = be.conv2d(&be.group_norm_silu(&x, 2, &gamma, &beta, 1e-6).unwrap(), &w, Some(&b), 1, 1).unwrap();
+            let got = be.group_norm_silu_conv2d(&x, (2, &gamma, &beta, 1e-6), &w, Some(&b), 1, 1).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (got, want) = (be.download(&got).unwrap(), be.download(&want).unwrap());
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err <= 1e-6, "norm, {n}x{c}x{side}x{side} -> {o}: {err}");
+
+            let half = t(n * c * side * side / 4, &[n, c, side / 2, side / 2], 7919);
+            let up = be.upsample_nearest(&half, side, side).unwrap();
+            let want = be.download(&be.conv2d(&up, &w, Some(&b), 1, 1).unwrap()).unwrap();
+            let got = be.upsample2x_conv3x3(&half, &w, Some(&b)).unwrap();
+            assert_eq!(got.dims(), [n, o, side, side]);
+            let got = be.download(&got).unwrap();
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err <= 1e-6, "upsampling, {n}x{c}x{side}x{side} -> {o}: {err}");
+        }
+    }
 
     #[test]
     fn linear_reads_transposed_and_row_major_weights_alike() {

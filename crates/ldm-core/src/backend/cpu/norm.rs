@@ -33,10 +33,7 @@ pub fn group_norm(
         let inv = 1.0 / (var + eps).sqrt();
         let c0 = (gi % groups) * cpg;
         for (ci, (op, sp)) in o.chunks_mut(spatial.max(1)).zip(src.chunks(spatial.max(1))).enumerate() {
-            // y = x * a + b with a = gamma / std and b = beta - mean * a, in float32
-            let a = gamma[c0 + ci] as f64 * inv;
-            let b = beta[c0 + ci] as f64 - mean * a;
-            let (a, b) = (a as f32, b as f32);
+            let (a, b) = channel_affine(mean, inv, gamma[c0 + ci], beta[c0 + ci]);
             for (y, &v) in op.iter_mut().zip(sp) {
                 *y = v * a + b;
             }
@@ -46,6 +43,41 @@ pub fn group_norm(
         }
     });
     Ok(out)
+}
+
+/// A channel's norm as `y = x * a + b` in float32: `a = gamma / std`, `b = beta - mean * a`
+/// (`inv` is `1 / std`).
+fn channel_affine(mean: f64, inv: f64, gamma: f32, beta: f32) -> (f32, f32) {
+    let a = gamma as f64 * inv;
+    let b = beta as f64 - mean * a;
+    (a as f32, b as f32)
+}
+
+/// The `(a, b)` of [`group_norm`]'s `x * a + b` for every (image, channel) of `x (n, c, spatial)`,
+/// `n * c` of each: the norm for a caller that applies it as it reads `x` (a convolution's
+/// `winograd::Prologue`), bit for bit what [`group_norm`] computes.
+#[allow(clippy::too_many_arguments)]
+pub fn group_affine(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if groups == 0 || c % groups != 0 || x.len() != n * c * spatial || gamma.len() != c || beta.len() != c {
+        return Err(Error::Backend(format!("group_norm: {groups} groups over ({n}, {c}, {spatial})")));
+    }
+    let cpg = c / groups;
+    let stats: Vec<(f64, f64)> = if spatial == 0 { vec![(0.0, 1.0); n * groups] } else { x.par_chunks(cpg * spatial).map(moments).collect() };
+    Ok((0..n * c)
+        .map(|k| {
+            let (mean, var) = stats[k / cpg];
+            channel_affine(mean, 1.0 / (var + eps).sqrt(), gamma[k % c], beta[k % c])
+        })
+        .unzip())
 }
 
 /// The mean and the (biased) variance about it of `x`, in float64. The sums run in [`LANES`]

@@ -13,6 +13,10 @@
 //!
 //! The transforms take 16 tiles at a time, their `a x a` values each a vector over the tiles,
 //! so that every input is read once and every output written once.
+//!
+//! The input transform reads its rows through a [`Prologue`]: a nearest-neighbour 2x upsampling
+//! and a group norm with SiLU can be applied to each row as it is read, so that the upsampled or
+//! normalised map (as large as the output, or larger) is never held whole.
 
 use rayon::prelude::*;
 
@@ -22,7 +26,7 @@ use crate::Result;
 
 /// One Winograd size: output tiles `m x m` from input tiles `a x a`, `a = m + 2`.
 pub struct Tiling {
-    m: usize,
+    pub(super) m: usize,
     a: usize,
     /// `B^T`, `a x a`, row-major. This and `at` are what the explicit transforms ([`bt4`],
     /// [`bt6`], [`at4`], [`at6`]) compute; the tests hold them to it.
@@ -159,10 +163,13 @@ pub fn conv3x3(
     weight: &[f32],
     bias: Option<&[f32]>,
     s: ConvShape,
+    pro: Prologue<'_>,
     out: &mut [f32],
     band_elems: usize,
 ) -> Result<()> {
     let (c, o, h, w) = (s.c, s.o, s.h, s.w);
+    // the stored input plane: half the size each way when upsampled on the fly
+    let (sh, sw) = if pro.up2 { (h / 2, w / 2) } else { (h, w) };
     let (m, a) = (t.m, t.a);
     let aa = a * a;
     let u = t.kernels(weight, o, c);
@@ -173,7 +180,7 @@ pub fn conv3x3(
     let mut prod = vec![0f32; o * aa * band * tw];
     // the a padded input rows of a tile row, each split into m phases (split_phases)
     let phase_len = tw + 1;
-    for (img, dst) in x.chunks(c * h * w).zip(out.chunks_mut(o * h * w)) {
+    for (ii, (img, dst)) in x.chunks(c * sh * sw).zip(out.chunks_mut(o * h * w)).enumerate() {
         let mut ty0 = 0;
         while ty0 < th {
             let rows = band.min(th - ty0);
@@ -181,16 +188,17 @@ pub fn conv3x3(
             // V = B^T d B for every (c, tile), stored (c, a^2, tiles)
             v[..c * aa * tiles]
                 .par_chunks_mut(aa * tiles)
-                .zip(img.par_chunks(h * w))
+                .zip(img.par_chunks(sh * sw))
+                .enumerate()
                 .for_each_init(
-                    || vec![0f32; a * m * phase_len],
-                    |phases, (vc, plane)| {
+                    || (vec![0f32; a * m * phase_len], vec![0f32; w]),
+                    |(phases, line), (ci, (vc, plane))| {
                         for ty in 0..rows {
                             for (i, row) in phases.chunks_exact_mut(m * phase_len).enumerate() {
                                 // padded row iy is input row iy - 1
                                 let iy = m * (ty0 + ty) + i;
-                                let src =
-                                    (iy >= 1 && iy <= h).then(|| &plane[(iy - 1) * w..iy * w]);
+                                let src = (iy >= 1 && iy <= h)
+                                    .then(|| pro.row(plane, iy - 1, sw, ii * c + ci, line));
                                 split_phases(row, src, m, phase_len);
                             }
                             (t.input_row)(phases, phase_len, vc, tiles, ty * tw, tw);
@@ -234,6 +242,68 @@ pub fn conv3x3(
         }
     }
     Ok(())
+}
+
+/// What a convolution's input is made of, besides `x` itself: work that would otherwise be a
+/// whole feature map of its own (as large as the convolution's output or larger), done on each
+/// input row as the transform reads it. The result is exactly the convolution of the map that
+/// the materialised steps would have made: the same float operations on the same values.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Prologue<'a> {
+    /// `x` is the input at half its height and width: nearest-neighbour 2x upsampling
+    /// (diffusers `Upsample2D` before its convolution). The height and width must be even.
+    pub up2: bool,
+    /// `silu(x * a + b)` with `(a, b)` per (image, channel), `n * c` of each: a group norm
+    /// (as `norm::group_affine` gives it) and SiLU, as every resnet applies before its
+    /// convolutions. The zero padding stays zero, as around a normalised map.
+    pub norm_silu: Option<(&'a [f32], &'a [f32])>,
+}
+
+impl Prologue<'_> {
+    /// Whether the input is `x` itself.
+    pub fn is_identity(&self) -> bool {
+        !self.up2 && self.norm_silu.is_none()
+    }
+
+    /// Row `y` of the input from a stored plane of rows `sw` wide, channel `k` of the batch;
+    /// `line` (the input's width) holds it where it is not a row of the plane as stored.
+    #[inline]
+    fn row<'b>(&self, plane: &'b [f32], y: usize, sw: usize, k: usize, line: &'b mut [f32]) -> &'b [f32] {
+        if self.is_identity() {
+            return &plane[y * sw..(y + 1) * sw];
+        }
+        if self.up2 {
+            let src = &plane[y / 2 * sw..(y / 2 + 1) * sw];
+            for (pair, &v) in line.chunks_exact_mut(2).zip(src) {
+                pair[0] = v;
+                pair[1] = v;
+            }
+        } else {
+            line.copy_from_slice(&plane[y * sw..(y + 1) * sw]);
+        }
+        if let Some((a, b)) = self.norm_silu {
+            let (a, b) = (a[k], b[k]);
+            for v in line.iter_mut() {
+                *v = *v * a + b;
+            }
+            super::math::silu_seq(line);
+        }
+        line
+    }
+
+    /// The input map itself, `(n, c, h, w)` for a convolution of shape `s`, from `x`.
+    pub fn apply(&self, x: &[f32], s: ConvShape) -> Vec<f32> {
+        let (sh, sw) = if self.up2 { (s.h / 2, s.w / 2) } else { (s.h, s.w) };
+        let mut out = vec![0f32; s.n * s.c * s.h * s.w];
+        out.par_chunks_mut(s.h * s.w).zip(x.par_chunks(sh * sw)).enumerate().for_each(|(k, (dst, plane))| {
+            let mut line = vec![0f32; s.w];
+            for (y, d) in dst.chunks_exact_mut(s.w).enumerate() {
+                let r = self.row(plane, y, sw, k, &mut line);
+                d.copy_from_slice(r);
+            }
+        });
+        out
+    }
 }
 
 /// One padded input row (`None`: a padding row) split by column modulo `m` into `row`: phase `p`
