@@ -98,19 +98,28 @@ pub(crate) fn exit_status(kind: ldm_core::ErrorKind) -> u8 {
 /// back to the kernel and faulting fresh zeroed pages in on every model operation (each layer's
 /// output and scratch buffers are megabytes): 10-13% faster decoders and super-resolution UNet
 /// on the benchmark, with the same peak resident memory (the blocks are reused, not added to).
+///
+/// All threads share one heap (glibc gives each thread its own arena by default): the model
+/// runs on the pool's threads, and a block freed in one thread's arena could not be reused by
+/// the next allocation of another, so the peak grew towards the sum of the arenas (measured
+/// peak resident memory, 2 threads: VQ decode 457-486 -> 381 MB, super-resolution UNet step
+/// 608-644 -> 531-535 MB, times within noise). The allocations are a few per layer, so one
+/// arena's lock is not contended.
+///
 /// A library cannot decide this for its host process, so only the command does it.
-fn keep_freed_memory() {
+fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any other thread
     // exists. A refusal (return 0) leaves glibc's defaults, which are only slower.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    tune_allocator();
     // A panic is a bug, but it still must reach the user as one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
