@@ -2,14 +2,16 @@
 """ldm beside diffusers on this machine: the benchmark of issue 7.
 
 For each workload (see crates/ldm-core/src/bench.rs, which this file mirrors on the diffusers side)
-it runs diffusers and then ldm, each in a fresh process with the same thread count, takes the
-median of several timed runs, and reads the peak resident memory of each process. It prints one
-table: our time, diffusers' time, the ratio (ours / theirs; below 1 is faster), and both peaks
-beside the size of the weights the workload reads.
+it runs diffusers and ldm in turns, each turn a fresh process with the same thread count: rounds
+of one process of each side, back to back, the side that goes first alternating. Each round gives
+a ratio (ours / theirs, of the medians of the process's timed runs), so that a slow spell of a
+shared machine falls on both sides of it; the table shows the median of the rounds' ratios, the
+median times, and the peak resident memory of each side's processes beside the size of the
+weights the workload reads.
 
     bench/run.sh                          # builds the models and ldm first, then this
     python bench/run.py --models target/bench/models --ldm target/release/ldm [--threads N]
-                        [--only unet,bert] [--repeat 5] [--whole-repeat 3] [--json out.json]
+                        [--only unet,bert] [--rounds 3] [--repeat 3] [--whole-repeat 3] [--json out.json]
 
 The workloads: LDMBert forward (batch 2, 77 tokens); one UNet2DConditionModel step (batch 2,
 32x32 latents); AutoencoderKL decode to 256x256; one UNet2DModel step at 64x64; VQModel decode to
@@ -137,6 +139,12 @@ def measure(cmd: list[str], env: dict) -> dict:
     return rep
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
@@ -147,8 +155,9 @@ def main() -> None:
     ap.add_argument("--ldm", default="target/release/ldm")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both (default: every core)")
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
-    ap.add_argument("--repeat", type=int, default=5, help="timed runs of each model call")
-    ap.add_argument("--whole-repeat", type=int, default=3, help="timed runs of each whole pipeline run")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (one process of each side) of each model call")
+    ap.add_argument("--repeat", type=int, default=3, help="timed model calls in each process (after one untimed)")
+    ap.add_argument("--whole-repeat", type=int, default=3, help="rounds of each whole pipeline run (one run per process)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--bf16", action="store_true",
                     help="also time ldm with bf16 weights (ldm bench --precision bf16), as extra columns")
@@ -168,23 +177,35 @@ def main() -> None:
         if name not in WORKLOADS:
             raise SystemExit(f"unknown workload {name} (expected {', '.join(WORKLOADS)})")
         folder = models / ("txt2img" if name in TXT2IMG else "superres")
-        repeat, warmup = (args.whole_repeat, 0) if name in WHOLE else (args.repeat, 1)
+        rounds, repeat, warmup = (args.whole_repeat, 1, 0) if name in WHOLE else (args.rounds, args.repeat, 1)
         weights = sum(p.stat().st_size for c in FILES[name] for p in (folder / c).glob("*.safetensors"))
-        theirs = measure([sys.executable, __file__, "--torch", name, "--folder", str(folder), "--threads",
-                          str(args.threads), "--repeat", str(repeat), "--warmup", str(warmup)], env)
-        ours = measure([args.ldm, "bench", "--model", str(folder), "--workload", name, "--threads", str(args.threads),
-                        "--repeat", str(repeat), "--warmup", str(warmup)], env)
-        row = {"workload": name, "ours": ours, "diffusers": theirs, "weights_bytes": weights,
-               "ratio": ours["median_s"] / theirs["median_s"]}
+        sides = {
+            "diffusers": [sys.executable, __file__, "--torch", name, "--folder", str(folder)],
+            "ours": [args.ldm, "bench", "--model", str(folder), "--workload", name],
+        }
         if args.bf16:
-            row["ours_bf16"] = measure([args.ldm, "bench", "--model", str(folder), "--workload", name, "--threads",
-                                        str(args.threads), "--repeat", str(repeat), "--warmup", str(warmup),
-                                        "--precision", "bf16"], env)
-            row["ratio_bf16"] = row["ours_bf16"]["median_s"] / theirs["median_s"]
+            sides["ours_bf16"] = sides["ours"] + ["--precision", "bf16"]
+        runs = {side: [] for side in sides}
+        for r in range(rounds):
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for side in order:
+                runs[side].append(measure(sides[side] + ["--threads", str(args.threads), "--repeat", str(repeat),
+                                                         "--warmup", str(warmup)], env))
+        row = {"workload": name, "weights_bytes": weights, "rounds": runs}
+        for side, reps in runs.items():
+            row[side] = {"median_s": median([x["median_s"] for x in reps]),
+                         "peak_rss_bytes_wait4": max(x["peak_rss_bytes_wait4"] for x in reps),
+                         "torch": reps[0].get("torch")}
+        for side, key in [("ours", "ratio"), ("ours_bf16", "ratio_bf16")]:
+            if side in runs:
+                ratios = [o["median_s"] / d["median_s"] for o, d in zip(runs[side], runs["diffusers"])]
+                row[key + "_rounds"] = ratios
+                row[key] = median(ratios)
+        ours, theirs = row["ours"], row["diffusers"]
         rows.append(row)
-        print(f"{name}: ours {ours['median_s']:.3f}s diffusers {theirs['median_s']:.3f}s "
-              f"ratio {row['ratio']:.2f}" + (f" bf16 ratio {row['ratio_bf16']:.2f}" if args.bf16 else ""),
-              file=sys.stderr, flush=True)
+        each = ", ".join(f"{x:.2f}" for x in row["ratio_rounds"])
+        print(f"{name}: ours {ours['median_s']:.3f}s diffusers {theirs['median_s']:.3f}s ratio {row['ratio']:.2f} "
+              f"(rounds {each})" + (f" bf16 ratio {row['ratio_bf16']:.2f}" if args.bf16 else ""), file=sys.stderr, flush=True)
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -192,7 +213,9 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     torch_version = rows[0]["diffusers"].get("torch", "?") if rows else "?"
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; torch {torch_version}")
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; torch {torch_version}; ratio: the median "
+          f"of the rounds' (ours / diffusers), {args.rounds} rounds of {args.repeat} calls per model row, "
+          f"{args.whole_repeat} of one run per whole run; peaks: the largest of each side's processes")
     extra = " ldm bf16 (s) | bf16 ratio | ldm bf16 peak (GiB) |" if args.bf16 else ""
     print("| workload | ldm (s) | diffusers (s) | ratio | ldm peak (GiB) | diffusers peak (GiB) | weights (GiB) | "
           "ldm peak / weights |" + extra)
