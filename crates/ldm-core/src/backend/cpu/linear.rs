@@ -47,6 +47,11 @@ pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Vec<f32>> {
 
 /// `out (rows, out_dim) = x w^T + bias` for `x (rows, in_dim)` and `w` as [`pack`] made it.
 pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) -> Result<()> {
+    linear_on(avx2(), out, x, w, bias, in_dim, out_dim)
+}
+
+/// [`linear`] on the AVX2 micro-kernel (`native`, where the CPU has it) or the plain loops.
+fn linear_on(native: bool, out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) -> Result<()> {
     if !packable(out_dim, in_dim) || w.len() != out_dim * in_dim || !x.len().is_multiple_of(in_dim) {
         return Err(Error::Backend(format!("linear: {} inputs of width {in_dim} for a packed {out_dim}x{in_dim} weight", x.len())));
     }
@@ -54,7 +59,6 @@ pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_di
     if out.len() != rows * out_dim || bias.is_some_and(|b| b.len() != out_dim) {
         return Err(Error::Backend(format!("linear: an output of {} values for {rows} rows of {out_dim}", out.len())));
     }
-    let native = avx2();
     let panels = out_dim / NR;
     let chunks = rows.div_ceil(MC);
     let dst = SendPtr(out.as_mut_ptr());
@@ -216,8 +220,11 @@ mod tests {
 
     #[test]
     fn packed_products_match_the_definition_on_every_kernel() {
-        // rows across the micro-kernel and task blocks, widths across the input block
-        for (rows, in_dim, out_dim) in [(1, 3, 16), (7, 300, 32), (200, 40, 48), (13, 513, 16)] {
+        // rows across the micro-kernel and task blocks, widths across the input block, on 1 and
+        // 2 threads
+        let shapes = [(1, 3, 16), (7, 300, 32), (200, 40, 48), (13, 513, 16), (30, 300, 208)];
+        for ((rows, in_dim, out_dim), threads) in shapes.into_iter().flat_map(|s| [(s, 1), (s, 2)]) {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let x = values(rows * in_dim, 1);
             let w = values(out_dim * in_dim, 2);
             let b = values(out_dim, 3);
@@ -226,36 +233,18 @@ mod tests {
             for native in [false, avx2()] {
                 for bias in [None, Some(&b[..])] {
                     let mut out = vec![f32::NAN; rows * out_dim];
-                    // the products as `linear` makes them, on the chosen kernel
-                    for p in 0..out_dim / NR {
-                        for k0 in (0..in_dim).step_by(KC) {
-                            let kc = KC.min(in_dim - k0);
-                            for i in (0..rows).step_by(MR) {
-                                let block = Block {
-                                    a: &x[i * in_dim + k0..],
-                                    lda: in_dim,
-                                    b: &packed[p * in_dim * NR + k0 * NR..][..kc * NR],
-                                    kc,
-                                    mr: MR.min(rows - i),
-                                    c: out[i * out_dim + p * NR..].as_mut_ptr(),
-                                    ldc: out_dim,
-                                    init: if k0 == 0 { Init::Bias(bias.map(|b| &b[p * NR..][..NR])) } else { Init::Accumulate },
-                                };
-                                unsafe { block.run(native) };
-                            }
-                        }
-                    }
+                    pool.install(|| linear_on(native, &mut out, &x, &packed, bias, in_dim, out_dim)).unwrap();
                     let mut via_linear = vec![0f32; rows * out_dim];
-                    linear(&mut via_linear, &x, &packed, bias, in_dim, out_dim).unwrap();
+                    pool.install(|| linear(&mut via_linear, &x, &packed, bias, in_dim, out_dim)).unwrap();
                     for r in 0..rows {
                         for o in 0..out_dim {
                             let terms = (0..in_dim).map(|k| x[r * in_dim + k] as f64 * w[o * in_dim + k] as f64);
                             let want = bias.map_or(0.0, |b| b[o] as f64) + terms.clone().sum::<f64>();
                             // f32 sums: a few roundings of the largest partial sums
                             let tol = 1e-6 * (1.0 + terms.map(f64::abs).sum::<f64>());
-                            for (name, got) in [("kernel", &out), ("linear", &via_linear)] {
+                            for (name, got) in [(if native { "avx2" } else { "plain loops" }, &out), ("linear", &via_linear)] {
                                 let err = (got[r * out_dim + o] as f64 - want).abs();
-                                assert!(err < tol, "{name} (native {native}) {rows}x{in_dim}x{out_dim} at ({r}, {o}): {err} > {tol}");
+                                assert!(err < tol, "{name}, {threads} threads: {rows}x{in_dim}x{out_dim} at ({r}, {o}): {err} > {tol}");
                             }
                         }
                     }
