@@ -188,8 +188,8 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Stage `s` ([`Self::stages`]) on `h`, every group norm (each followed by SiLU) applied by
-    /// `norm` where one is given (else with the convolution after it). Each map is freed as soon as the stage has read it, `h` included where the caller holds
-    /// no other handle to it.
+    /// `norm` where one is given (else with the convolution after it). Each map is freed as soon
+    /// as the stage has read it, `h` included where the caller holds no other handle to it.
     pub fn forward_stage(&self, s: usize, mut h: B::Tensor, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
         for &part in &self.stages[s] {
             h = match part {

@@ -157,6 +157,9 @@ mod avx2 {
     use super::{Block, Init, MR, NR};
     use std::arch::x86_64::*;
 
+    /// Input positions per turn of the micro-kernel's loop.
+    const UNROLL: usize = 4;
+
     /// # Safety
     /// As [`Block::run`], on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -177,14 +180,31 @@ mod avx2 {
         let (a, b) = (k.a.as_ptr(), k.b.as_ptr());
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
-        for q in 0..k.kc {
-            let b0 = _mm256_loadu_ps(b.add(q * NR));
-            let b1 = _mm256_loadu_ps(b.add(q * NR + 8));
-            for r in 0..R {
-                let av = _mm256_broadcast_ss(&*a.add(r * k.lda + q));
-                lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
-                hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+        // (a macro, not a closure: a closure would not have this function's target features)
+        macro_rules! step {
+            ($q:expr) => {{
+                let q = $q;
+                let b0 = _mm256_loadu_ps(b.add(q * NR));
+                let b1 = _mm256_loadu_ps(b.add(q * NR + 8));
+                for r in 0..R {
+                    let av = _mm256_broadcast_ss(&*a.add(r * k.lda + q));
+                    lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+                }
+            }};
+        }
+        // four input positions per loop turn: the loop's own counting and branching is then
+        // a small part of the instructions the FMAs share the front end with
+        let mut q = 0;
+        while q + UNROLL <= k.kc {
+            for u in 0..UNROLL {
+                step!(q + u);
             }
+            q += UNROLL;
+        }
+        while q < k.kc {
+            step!(q);
+            q += 1;
         }
         for r in 0..R {
             let c = k.c.add(r * k.ldc);
