@@ -150,11 +150,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// reads its input, never holding the upsampled map (the CPU backend does where it uses
     /// Winograd's method). Defaults to the two steps.
     fn upsample2x_conv3x3(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor> {
-        let d = self.dims(x);
-        if d.len() != 4 {
-            return Err(crate::Error::Backend(format!("upsample2x_conv3x3 of {d:?}")));
-        }
-        self.conv2d(&self.upsample_nearest(x, 2 * d[2], 2 * d[3])?, w, b, 1, 1)
+        upsample2x_conv3x3_in_steps(self, x, w, b)
     }
 
     /// GEGLU over the last dimension `2 * n`: `hidden * gelu(gate)` of its two halves, `(..., n)`.
@@ -166,4 +162,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let gate = self.narrow(t, last, n, n)?;
         self.mul(&hidden, &self.gelu(&gate)?)
     }
+}
+
+/// [`Backend::upsample2x_conv3x3`] as its two steps: the upsampled map made whole, then convolved.
+pub fn upsample2x_conv3x3_in_steps<B: Backend>(be: &B, x: &B::Tensor, w: &B::Tensor, b: Option<&B::Tensor>) -> Result<B::Tensor> {
+    let d = be.dims(x);
+    if d.len() != 4 {
+        return Err(crate::Error::Backend(format!("upsample2x_conv3x3 of {d:?}")));
+    }
+    be.conv2d(&be.upsample_nearest(x, 2 * d[2], 2 * d[3])?, w, b, 1, 1)
 }

@@ -399,11 +399,7 @@ impl Backend for Cpu {
 
     fn upsample2x_conv3x3(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let Some((s, _)) = self.winograd_shape(x, w, 1, 1, true) else {
-            let d = x.dims();
-            if d.len() != 4 {
-                return Err(Error::Backend(format!("upsample2x_conv3x3 of {d:?}")));
-            }
-            return self.conv2d(&self.upsample_nearest(x, 2 * d[2], 2 * d[3])?, w, b, 1, 1);
+            return super::upsample2x_conv3x3_in_steps(self, x, w, b);
         };
         let bias = b.map(contiguous_f32).transpose()?;
         let pro = winograd::Prologue { up2: true, norm_silu: None };

@@ -19,9 +19,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Vec<f32>> {
-    if groups == 0 || c % groups != 0 || x.len() != n * c * spatial || gamma.len() != c || beta.len() != c {
-        return Err(Error::Backend(format!("group_norm: {groups} groups over ({n}, {c}, {spatial})")));
-    }
+    check_groups(x.len(), n, c, spatial, groups, gamma.len(), beta.len())?;
     let cpg = c / groups;
     let len = cpg * spatial;
     let mut out = vec![0f32; x.len()];
@@ -43,6 +41,15 @@ pub fn group_norm(
         }
     });
     Ok(out)
+}
+
+/// The sizes a group norm over `(n, c, spatial)` needs: `groups` dividing `c`, and `c` values
+/// of `gamma` and `beta`.
+fn check_groups(len: usize, n: usize, c: usize, spatial: usize, groups: usize, gamma: usize, beta: usize) -> Result<()> {
+    if groups == 0 || c % groups != 0 || len != n * c * spatial || gamma != c || beta != c {
+        return Err(Error::Backend(format!("group_norm: {groups} groups over ({n}, {c}, {spatial})")));
+    }
+    Ok(())
 }
 
 /// A channel's norm as `y = x * a + b` in float32: `a = gamma / std`, `b = beta - mean * a`
@@ -67,9 +74,7 @@ pub fn group_affine(
     beta: &[f32],
     eps: f64,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    if groups == 0 || c % groups != 0 || x.len() != n * c * spatial || gamma.len() != c || beta.len() != c {
-        return Err(Error::Backend(format!("group_norm: {groups} groups over ({n}, {c}, {spatial})")));
-    }
+    check_groups(x.len(), n, c, spatial, groups, gamma.len(), beta.len())?;
     let cpg = c / groups;
     let stats: Vec<(f64, f64)> = if spatial == 0 { vec![(0.0, 1.0); n * groups] } else { x.par_chunks(cpg * spatial).map(moments).collect() };
     Ok((0..n * c)
