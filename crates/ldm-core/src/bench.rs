@@ -104,7 +104,7 @@ pub fn prepare<B: Backend>(workload: Workload, dir: &Path, be: &B) -> Result<Run
             Box::new(move || unet.forward(&x, &[TIMESTEP], &ctx).map(drop))
         }
         Workload::VaeDecode => {
-            let vae = load_model(component(&folder, ComponentKind::Autoencoder, "AutoencoderKL")?, &be, AutoencoderKL::load)?;
+            let vae = load_model(component(&folder, ComponentKind::Autoencoder, "AutoencoderKL")?, &be, AutoencoderKL::load_decoder)?;
             let side = 256 / vae.config.scale_factor().max(1);
             let z = randn(&be, &mut g, &[1, vae.config.latent_channels, side, side])?;
             Box::new(move || vae.decode(&z).map(drop))
@@ -115,7 +115,7 @@ pub fn prepare<B: Backend>(workload: Workload, dir: &Path, be: &B) -> Result<Run
             Box::new(move || unet.forward(&x, &[TIMESTEP]).map(drop))
         }
         Workload::VqDecode => {
-            let vq = load_model(component(&folder, ComponentKind::Autoencoder, "VQModel")?, &be, VQModel::load)?;
+            let vq = load_model(component(&folder, ComponentKind::Autoencoder, "VQModel")?, &be, VQModel::load_decoder)?;
             let side = 256 / vq.config.scale_factor().max(1);
             let z = randn(&be, &mut g, &[1, vq.config.latent_channels, side, side])?;
             Box::new(move || vq.decode(&z, false).map(drop))

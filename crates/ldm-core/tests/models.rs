@@ -119,3 +119,68 @@ fn vq_model_quantize_decode_and_encode_match_diffusers() {
     let enc = vq.encode(&r.tensor("image")).unwrap();
     assert_close("vq encode", &Cpu.download(&enc).unwrap(), &r.f32("encoded"), TOL);
 }
+
+/// A weight source that records the names of the tensors read from it.
+struct Recording(Box<dyn ldm_core::loading::TensorSource>, std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ldm_core::loading::TensorSource for Recording {
+    fn names(&self) -> Vec<String> {
+        self.0.names()
+    }
+    fn meta(&self, name: &str) -> Option<ldm_core::loading::TensorMeta> {
+        self.0.meta(name)
+    }
+    fn load_f32(&self, name: &str) -> ldm_core::Result<Vec<f32>> {
+        self.1.lock().unwrap().push(name.to_string());
+        self.0.load_f32(name)
+    }
+    fn location(&self, name: Option<&str>) -> String {
+        self.0.location(name)
+    }
+    fn format(&self) -> String {
+        self.0.format()
+    }
+}
+
+/// The pipelines load their autoencoder's decoding half only: the encoder's tensors are never
+/// read (so take no memory), none is reported unused, decoding is unchanged, and encoding is
+/// refused with a message naming the whole-model loader.
+#[test]
+fn autoencoders_loaded_for_decoding_read_no_encoder_tensor_and_decode_the_same() {
+    use ldm_core::loading::find_weights;
+    use ldm_core::models::{autoencoder_kl, vq_model};
+    use ldm_core::nn::Weights;
+    use std::sync::{Arc, Mutex};
+    let recording = |folder: &str| {
+        let read = Arc::new(Mutex::new(Vec::new()));
+        let src = find_weights(&fixtures().join(folder), &["diffusion_pytorch_model"]).unwrap();
+        (Weights::new(Cpu, Box::new(Recording(src, read.clone()))), read)
+    };
+    let check = |what: &str, w: &Weights<Cpu>, read: &Mutex<Vec<String>>| {
+        assert!(w.unused().is_empty(), "{what}: unused tensors: {:?}", w.unused());
+        let read = read.lock().unwrap();
+        assert!(read.iter().any(|n| n.starts_with("decoder.")), "{what}: no decoder tensor read");
+        let enc: Vec<_> = read.iter().filter(|n| n.starts_with("encoder.") || n.starts_with("quant_conv.")).collect();
+        assert!(enc.is_empty(), "{what}: encoder tensors read: {enc:?}");
+    };
+
+    let folder = "txt2img-tiny/vqvae";
+    let dir = fixtures().join(folder);
+    let (w, read) = recording(folder);
+    let vae = autoencoder_kl::AutoencoderKL::load_decoder(autoencoder_kl::read_config(&dir).unwrap(), &dir, &w).unwrap();
+    check("AutoencoderKL", &w, &read);
+    let r = Reference::open("vae_kl");
+    assert_close("vae_kl decode (decoder only)", &Cpu.download(&vae.decode(&r.tensor("latents")).unwrap()).unwrap(), &r.f32("decoded"), TOL);
+    let err = vae.encode(&r.tensor("image")).err().expect("a decoder-only AutoencoderKL encoded");
+    assert!(err.to_string().contains("AutoencoderKL::load to encode"), "{err}");
+
+    let folder = "superres-tiny/vqvae";
+    let dir = fixtures().join(folder);
+    let (w, read) = recording(folder);
+    let vq = vq_model::VQModel::load_decoder(vq_model::read_config(&dir).unwrap(), &dir, &w).unwrap();
+    check("VQModel", &w, &read);
+    let r = Reference::open("vq");
+    assert_close("vq decode (decoder only)", &Cpu.download(&vq.decode(&r.tensor("latents"), false).unwrap()).unwrap(), &r.f32("decoded"), TOL);
+    let err = vq.encode(&r.tensor("image")).err().expect("a decoder-only VQModel encoded");
+    assert!(err.to_string().contains("VQModel::load to encode"), "{err}");
+}

@@ -17,9 +17,11 @@ mod measure;
 
 use ldm_core::backend::cpu::Cpu;
 use ldm_core::backend::Backend;
+use ldm_core::loading::folder::ModelFolder;
 use ldm_core::models::vae::Decoder;
-use ldm_core::pipelines::txt2img::LatentDecoder;
-use ldm_core::pipelines::{tiles, Pipeline};
+use ldm_core::models::{autoencoder_kl, vq_model};
+use ldm_core::nn::Weights;
+use ldm_core::pipelines::tiles;
 use measure::{load_sample, repo, sample_paths};
 
 /// A `side x side` image in [-1, 1], `(1, 3, side, side)`, tiled from the data-set samples (each
@@ -66,16 +68,24 @@ fn tiled_and_whole_decodes_of_the_shipped_decoders_agree() {
     let be = Cpu;
     let image = be.upload(mosaic(512), &[1, 3, 512, 512]).unwrap();
 
+    // (the whole autoencoders: the pipelines load the decoding half only)
+    let open = |model: &str| {
+        let folder = ModelFolder::open(repo().join(model)).unwrap();
+        let c = folder.component("vqvae").unwrap();
+        (c.dir.clone(), Weights::new(be.clone(), c.weights().unwrap()))
+    };
+
     // super-resolution: VQModel, 4x, 128x128 latents in 64-latent tiles (2x2 or more cores)
-    let Pipeline::SuperResolution(sr) = Pipeline::load_folder(&repo().join("models/ldm-shapes-superres"), &be).unwrap() else { panic!("not a super-resolution folder") };
-    let x = sr.vqvae.decoder_input(&sr.vqvae.encode(&image).unwrap(), false).unwrap();
-    let (whole, tiled) = both(&be, sr.vqvae.decoder(), &x);
+    let (dir, w) = open("models/ldm-shapes-superres");
+    let vq = vq_model::VQModel::load(vq_model::read_config(&dir).unwrap(), &dir, &w).unwrap();
+    let x = vq.decoder_input(&vq.encode(&image).unwrap(), false).unwrap();
+    let (whole, tiled) = both(&be, vq.decoder(), &x);
     let (vq_max, vq_mean) = max_and_mean_diff(&whole, &tiled);
     println!("VQModel (ldm-shapes-superres), 128x128 latents, tiles of 64: max |tiled - whole| {vq_max:.2e}, mean {vq_mean:.2e}");
 
     // text to image: AutoencoderKL, 8x, 64x64 latents in 32-latent tiles
-    let Pipeline::TextToImage(t2i) = Pipeline::load_folder(&repo().join("models/ldm-shapes"), &be).unwrap() else { panic!("not a text-to-image folder") };
-    let LatentDecoder::Kl(vae) = &t2i.vae else { panic!("the shipped model decodes with an AutoencoderKL") };
+    let (dir, w) = open("models/ldm-shapes");
+    let vae = autoencoder_kl::AutoencoderKL::load(autoencoder_kl::read_config(&dir).unwrap(), &dir, &w).unwrap();
     let x = vae.decoder_input(&vae.encode(&image).unwrap().mean).unwrap();
     let (whole, tiled) = both(&be, vae.decoder(), &x);
     let (kl_max, kl_mean) = max_and_mean_diff(&whole, &tiled);

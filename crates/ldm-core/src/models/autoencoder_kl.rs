@@ -76,14 +76,25 @@ pub struct LatentDist<T> {
 pub struct AutoencoderKL<B: Backend> {
     be: B,
     pub config: AutoencoderKLConfig,
-    encoder: Encoder<B>,
+    /// The encoding half (encoder, quant_conv); `None` when loaded for decoding only.
+    encoder: Option<(Encoder<B>, Option<Conv2d<B>>)>,
     decoder: Decoder<B>,
-    quant_conv: Option<Conv2d<B>>,
     post_quant_conv: Option<Conv2d<B>>,
 }
 
 impl<B: Backend> AutoencoderKL<B> {
+    /// The whole model, encoder included.
     pub fn load(config: AutoencoderKLConfig, path: &Path, w: &Weights<B>) -> Result<Self> {
+        Self::load_parts(config, path, w, true)
+    }
+
+    /// The decoding half only (post_quant_conv, decoder): what the pipelines use. The encoder's
+    /// tensors are skipped unread, so they take no memory; [`Self::encode`] then returns an error.
+    pub fn load_decoder(config: AutoencoderKLConfig, path: &Path, w: &Weights<B>) -> Result<Self> {
+        Self::load_parts(config, path, w, false)
+    }
+
+    fn load_parts(config: AutoencoderKLConfig, path: &Path, w: &Weights<B>, with_encoder: bool) -> Result<Self> {
         let coder = config.coder();
         coder.check(path, &config.act_fn, &config.down_block_types, &config.up_block_types)?;
         let l = config.latent_channels;
@@ -93,13 +104,19 @@ impl<B: Backend> AutoencoderKL<B> {
         if !config.scaling_factor.is_finite() || config.scaling_factor == 0.0 {
             return Err(Error::config(path, "scaling_factor", format!("{} is not a usable scale", config.scaling_factor)));
         }
-        let quant_conv = if config.use_quant_conv { Some(Conv2d::load(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
+        let encoder = if with_encoder {
+            let quant_conv = if config.use_quant_conv { Some(Conv2d::load(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
+            Some((Encoder::load(&w.pp("encoder"), &coder, config.in_channels, 2 * l)?, quant_conv))
+        } else {
+            w.pp("encoder").skip()?;
+            w.pp("quant_conv").skip()?;
+            None
+        };
         let post_quant_conv = if config.use_post_quant_conv { Some(Conv2d::load(&w.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
         Ok(Self {
             be: w.backend().clone(),
-            encoder: Encoder::load(&w.pp("encoder"), &coder, config.in_channels, 2 * l)?,
+            encoder,
             decoder: Decoder::load(&w.pp("decoder"), &coder, l, config.out_channels)?,
-            quant_conv,
             post_quant_conv,
             config,
         })
@@ -108,8 +125,13 @@ impl<B: Backend> AutoencoderKL<B> {
     /// `image (B, C, H, W)` in [-1, 1] to the latent distribution (`latent_dist` in diffusers).
     pub fn encode(&self, image: &B::Tensor) -> Result<LatentDist<B::Tensor>> {
         let be = &self.be;
-        let mut h = self.encoder.forward(image)?;
-        if let Some(q) = &self.quant_conv {
+        let (encoder, quant_conv) = self.encoder.as_ref().ok_or_else(|| {
+            Error::Unsupported(
+                "this AutoencoderKL was loaded for decoding only (AutoencoderKL::load_decoder); load it with AutoencoderKL::load to encode".into(),
+            )
+        })?;
+        let mut h = encoder.forward(image)?;
+        if let Some(q) = quant_conv {
             h = q.forward(&h)?;
         }
         let l = self.config.latent_channels;

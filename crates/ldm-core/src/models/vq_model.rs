@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::models::config::{self, check_size, check_unsupported, MAX_CHANNELS};
 use crate::models::vae::{CoderCfg, Decoder, Encoder};
 use crate::nn::{Conv2d, Weights};
-use crate::Result;
+use crate::{Error, Result};
 
 /// The keys of `config.json` that this model reads, with diffusers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -73,15 +73,27 @@ impl VQModelConfig {
 pub struct VQModel<B: Backend> {
     be: B,
     pub config: VQModelConfig,
-    encoder: Encoder<B>,
-    quant_conv: Conv2d<B>,
+    /// The encoding half (encoder, quant_conv); `None` when loaded for decoding only.
+    encoder: Option<(Encoder<B>, Conv2d<B>)>,
     codebook: B::Tensor,
     post_quant_conv: Conv2d<B>,
     decoder: Decoder<B>,
 }
 
 impl<B: Backend> VQModel<B> {
+    /// The whole model, encoder included.
     pub fn load(config: VQModelConfig, path: &Path, w: &Weights<B>) -> Result<Self> {
+        Self::load_parts(config, path, w, true)
+    }
+
+    /// The decoding half only (codebook, post_quant_conv, decoder): what the pipelines use. The
+    /// encoder's tensors are skipped unread, so they take no memory; [`Self::encode`] then
+    /// returns an error.
+    pub fn load_decoder(config: VQModelConfig, path: &Path, w: &Weights<B>) -> Result<Self> {
+        Self::load_parts(config, path, w, false)
+    }
+
+    fn load_parts(config: VQModelConfig, path: &Path, w: &Weights<B>, with_encoder: bool) -> Result<Self> {
         let coder = config.coder();
         coder.check(path, &config.act_fn, &config.down_block_types, &config.up_block_types)?;
         check_unsupported(path, "norm_type", &config.norm_type.as_str(), &"group")?;
@@ -92,10 +104,16 @@ impl<B: Backend> VQModel<B> {
         check_size(path, "num_vq_embeddings", config.num_vq_embeddings, 1 << 20)?;
         check_size(path, "in_channels", config.in_channels, MAX_CHANNELS)?;
         check_size(path, "out_channels", config.out_channels, MAX_CHANNELS)?;
+        let encoder = if with_encoder {
+            Some((Encoder::load(&w.pp("encoder"), &coder, config.in_channels, l)?, Conv2d::load(&w.pp("quant_conv"), l, e, 1, 1, 0)?))
+        } else {
+            w.pp("encoder").skip()?;
+            w.pp("quant_conv").skip()?;
+            None
+        };
         Ok(Self {
             be: w.backend().clone(),
-            encoder: Encoder::load(&w.pp("encoder"), &coder, config.in_channels, l)?,
-            quant_conv: Conv2d::load(&w.pp("quant_conv"), l, e, 1, 1, 0)?,
+            encoder,
             codebook: w.pp("quantize.embedding").get("weight", &[config.num_vq_embeddings, e])?,
             post_quant_conv: Conv2d::load(&w.pp("post_quant_conv"), e, l, 1, 1, 0)?,
             decoder: Decoder::load(&w.pp("decoder"), &coder, l, config.out_channels)?,
@@ -105,7 +123,10 @@ impl<B: Backend> VQModel<B> {
 
     /// Image to (unquantised) latents, as diffusers' `encode(...).latents`.
     pub fn encode(&self, image: &B::Tensor) -> Result<B::Tensor> {
-        self.quant_conv.forward(&self.encoder.forward(image)?)
+        let (encoder, quant_conv) = self.encoder.as_ref().ok_or_else(|| {
+            Error::Unsupported("this VQModel was loaded for decoding only (VQModel::load_decoder); load it with VQModel::load to encode".into())
+        })?;
+        quant_conv.forward(&encoder.forward(image)?)
     }
 
     /// Each latent vector replaced by its nearest codebook entry.

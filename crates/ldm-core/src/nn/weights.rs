@@ -104,6 +104,16 @@ impl<B: Backend> Weights<B> {
         Ok(data)
     }
 
+    /// Marks every tensor under this prefix as accounted for without reading it: a part of a
+    /// checkpoint the model deliberately leaves out (an autoencoder loaded for decoding only
+    /// skips its encoder), so that [`Weights::unused`] does not report it.
+    pub fn skip(&self) -> Result<()> {
+        let dotted = format!("{}.", self.prefix);
+        let names = self.inner.source.names().into_iter().filter(|n| self.prefix.is_empty() || n.starts_with(&dotted));
+        self.inner.used.lock().map_err(|_| Error::Backend("weights lock poisoned".into()))?.extend(names);
+        Ok(())
+    }
+
     /// Tensors in the source that no layer asked for (an extra tensor usually means the config
     /// and the weights disagree).
     pub fn unused(&self) -> Vec<String> {

@@ -49,7 +49,7 @@ pub struct SuperResolution<B: Backend> {
 impl<B: Backend> SuperResolution<B> {
     pub fn load(folder: &ModelFolder, be: &B) -> Result<Self> {
         let unet = load_model(component(folder, ComponentKind::UNet, "UNet2DModel")?, be, UNet2DModel::load)?;
-        let vqvae = load_model(component(folder, ComponentKind::Autoencoder, "VQModel")?, be, VQModel::load)?;
+        let vqvae = load_model(component(folder, ComponentKind::Autoencoder, "VQModel")?, be, VQModel::load_decoder)?;
         if unet.config.in_channels != 6 || vqvae.config.latent_channels != 3 {
             return Err(Error::config(&folder.dir, "unet.in_channels", format!(
                 "{} UNet input channels and {} latent channels; super-resolution takes 3 latent channels plus the 3 of the image",

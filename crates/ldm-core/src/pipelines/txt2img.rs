@@ -115,9 +115,9 @@ impl<B: Backend> TextToImage<B> {
         let unet = load_model(component(folder, ComponentKind::UNet, "UNet2DConditionModel")?, be, UNet2DConditionModel::load)?;
         let vc = component(folder, ComponentKind::Autoencoder, "autoencoder (AutoencoderKL or VQModel)")?;
         let vae = if vc.class == ComponentClass::VQModel {
-            LatentDecoder::Vq(load_model(vc, be, VQModel::load)?)
+            LatentDecoder::Vq(load_model(vc, be, VQModel::load_decoder)?)
         } else {
-            LatentDecoder::Kl(load_model(vc, be, AutoencoderKL::load)?)
+            LatentDecoder::Kl(load_model(vc, be, AutoencoderKL::load_decoder)?)
         };
         let d = bert.config.d_model;
         if unet.config.cross_attention_dim.expand(1, &vc.dir, "cross_attention_dim").map(|v| v[0]).unwrap_or(d) != d {
