@@ -83,6 +83,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
         stride: usize,
         padding: usize,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::conv2d`] of a map the caller gives up: no other handle to `x` (no clone, and no
+    /// reshaped or narrowed view of its storage) may be alive, since a backend may write the
+    /// result into `x`'s own memory (the CPU backend does for 1x1 convolutions to fewer
+    /// channels, such as a resnet's shortcut, and releases the rest). Defaults to `conv2d`.
+    fn conv2d_reusing(&self, x: Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, stride: usize, padding: usize) -> Result<Self::Tensor> {
+        self.conv2d(&x, w, b, stride, padding)
+    }
     /// Zero padding of the last two dimensions: `[top, bottom, left, right]`.
     fn pad2d(&self, x: &Self::Tensor, pad: [usize; 4]) -> Result<Self::Tensor>;
     /// Nearest-neighbour resize of the last two dimensions to `(h, w)`, as

@@ -16,8 +16,10 @@ use super::gemm::{gemm, Mat, MatMut, Par};
 use super::winograd::{self, Prologue};
 use crate::{Error, Result};
 
-/// The most `cols` elements of one band (16 MiB of float32).
-const BAND_ELEMS: usize = 1 << 22;
+/// The most `cols` elements of one band, and of each of the Winograd transform's two band
+/// buffers (4 MiB of float32: in 2-thread A/B runs of the UNet steps and decoders no slower than
+/// 16 MiB, and 25 MiB less at the VQ decoder's peak).
+const BAND_ELEMS: usize = 1 << 20;
 /// Output planes smaller than this are done for all images in one product (the small feature
 /// maps of a UNet's inner blocks have 16 or 64 positions per image: a product per image would
 /// read the whole weight for each).
@@ -132,6 +134,56 @@ fn conv2d_banded(
         }
     }
     Ok(out)
+}
+
+/// Positions per task of [`conv1x1_in_place`].
+const IN_PLACE_BLOCK: usize = 512;
+
+/// A raw pointer that tasks of [`conv1x1_in_place`] share; each touches its own positions only.
+struct Shared(*mut f32);
+// SAFETY: see conv1x1_in_place: the tasks' reads and writes are disjoint.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// A 1x1 convolution (stride 1, no padding) of one image to no more channels than it reads,
+/// computed in the input's own buffer: `x` holds the `(c, p)` input planes on entry and the
+/// `(o, p)` output planes (plus `bias`) in its first `o * p` values on return; the rest is left
+/// unspecified, for the caller to release. The positions are split in blocks, each task
+/// gathering every input channel of its block before writing that block's outputs, and writing
+/// no other positions: no task reads what another writes.
+pub fn conv1x1_in_place(x: &mut [f32], weight: &[f32], bias: Option<&[f32]>, c: usize, o: usize, p: usize) -> Result<()> {
+    if o > c || x.len() != c * p || weight.len() != o * c || bias.is_some_and(|b| b.len() != o) {
+        return Err(Error::Backend(format!("conv1x1_in_place: {c} -> {o} channels of {p} positions do not match the buffers")));
+    }
+    let w = Mat::rows(weight, o, c);
+    let base = Shared(x.as_mut_ptr());
+    (0..p.div_ceil(IN_PLACE_BLOCK)).into_par_iter().try_for_each_init(
+        || (vec![0f32; c * IN_PLACE_BLOCK], vec![0f32; o * IN_PLACE_BLOCK]),
+        |(cols, prod), bi| {
+            let (p0, n) = (bi * IN_PLACE_BLOCK, IN_PLACE_BLOCK.min(p - bi * IN_PLACE_BLOCK));
+            for (ci, dst) in cols[..c * n].chunks_exact_mut(n).enumerate() {
+                // SAFETY: positions p0 .. p0 + n of plane ci lie inside x, and no other task
+                // reads or writes them (each writes its own positions of the first o planes)
+                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(base.at(ci * p + p0), n) });
+            }
+            let prod = &mut prod[..o * n];
+            if let Some(b) = bias {
+                prod.chunks_exact_mut(n).zip(b).for_each(|(row, &v)| row.fill(v));
+            }
+            gemm(MatMut::rows(prod, o, n), w, Mat::rows(&cols[..c * n], c, n), bias.is_some(), Par::Seq)?;
+            for (oi, src) in prod.chunks_exact(n).enumerate() {
+                // SAFETY: as above; this block's inputs were all read into cols first
+                unsafe { std::slice::from_raw_parts_mut(base.at(oi * p + p0), n) }.copy_from_slice(src);
+            }
+            Ok(())
+        },
+    )
 }
 
 /// The `cols` matrix of output rows `y0 .. y0 + rows`: row `(ci, ky, kx)` holds, for each output

@@ -82,6 +82,29 @@ fn with_linear_weight<R>(w: &Tensor, f: impl FnOnce(gemm::Mat<'_>) -> R) -> Resu
     with_f32(w, |data| f(gemm::Mat::rows(data, out_dim, in_dim).t()))
 }
 
+/// Moves the values out of a float32 tensor that is its storage's whole, contiguous content,
+/// leaving the storage empty; `None` (and the tensor untouched) otherwise. Only for a tensor
+/// that has no other handle (see [`Backend::conv2d_reusing`]).
+fn take_f32(t: &Tensor) -> Result<Option<Vec<f32>>> {
+    struct Take(std::sync::Mutex<Option<Vec<f32>>>);
+    impl candle_core::InplaceOp1 for Take {
+        fn name(&self) -> &'static str {
+            "take"
+        }
+        fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+            if let (candle_core::CpuStorage::F32(v), Ok(mut taken)) = (storage, self.0.lock()) {
+                if layout.start_offset() == 0 && layout.is_contiguous() && v.len() == layout.shape().elem_count() {
+                    *taken = Some(std::mem::take(v));
+                }
+            }
+            Ok(())
+        }
+    }
+    let take = Take(std::sync::Mutex::new(None));
+    t.inplace_op1(&take)?;
+    Ok(take.0.into_inner().ok().flatten())
+}
+
 fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
@@ -366,6 +389,26 @@ impl Backend for Cpu {
         tensor(out, &[s.n, s.o, oh, ow])
     }
 
+    fn conv2d_reusing(&self, x: Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+        let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
+        // one image, 1x1 to fewer channels: the output fits where the input was
+        let fits = w.dtype() == DType::F32 && x.dtype() == DType::F32 && xd.len() == 4 && wd.len() == 4 && xd[0] == 1;
+        if !(fits && wd[1] == xd[1] && wd[0] <= xd[1] && wd[2] == 1 && wd[3] == 1 && stride == 1 && padding == 0) {
+            return self.conv2d(&x, w, b, stride, padding);
+        }
+        let Some(mut data) = take_f32(&x)? else {
+            return self.conv2d(&x, w, b, stride, padding);
+        };
+        drop(x);
+        let (c, o, p) = (xd[1], wd[0], xd[2] * xd[3]);
+        let bias = b.map(contiguous_f32).transpose()?;
+        with_f32(w, |w| conv::conv1x1_in_place(&mut data, w, bias.as_deref(), c, o, p))??;
+        // the planes past the output are given back (glibc's realloc shrinks in place)
+        data.truncate(o * p);
+        data.shrink_to_fit();
+        tensor(data, &[1, o, xd[2], xd[3]])
+    }
+
     fn pad2d(&self, x: &Tensor, pad: [usize; 4]) -> Result<Tensor> {
         let r = x.rank();
         let x = x.pad_with_zeros(r - 2, pad[0], pad[1])?;
@@ -520,6 +563,44 @@ mod tests {
             let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err <= 1e-6, "upsampling, {n}x{c}x{side}x{side} -> {o}: {err}");
         }
+    }
+
+    #[test]
+    fn convolutions_reusing_their_input_equal_conv2d() {
+        let be = Cpu::new();
+        let t = |shape: &[usize], k: usize| {
+            let n = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i * k) % 97) as f32 / 24.0 - 2.0).collect();
+            be.upload(v, shape).unwrap()
+        };
+        // (x, weight): 1x1 to fewer, as many and (not in place) more channels, over 1 to 3
+        // blocks of positions; two images (not in place); a 3x3 (not in place)
+        for (xs, ws) in [
+            ([1, 8, 20, 30], [3, 8, 1, 1]),
+            ([1, 6, 9, 7], [6, 6, 1, 1]),
+            ([1, 5, 40, 33], [2, 5, 1, 1]),
+            ([1, 3, 8, 8], [5, 3, 1, 1]),
+            ([2, 8, 8, 8], [3, 8, 1, 1]),
+            ([1, 4, 8, 8], [2, 4, 3, 3]),
+        ] {
+            let (x, w, b) = (t(&xs, 7919), t(&ws, 104729), t(&ws[..1], 31));
+            let pad = ws[2] / 2;
+            let want = be.download(&be.conv2d(&x, &w, Some(&b), 1, pad).unwrap()).unwrap();
+            let got = be.conv2d_reusing(x, &w, Some(&b), 1, pad).unwrap();
+            assert_eq!(got.dims(), [xs[0], ws[0], xs[2], xs[3]]);
+            let got = be.download(&got).unwrap();
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err <= 1e-5, "{xs:?} with {ws:?}: {err}");
+        }
+        // a view of part of a storage (here a narrowed map) is not taken: computed aside
+        let whole = t(&[1, 8, 10, 10], 7919);
+        let part = whole.narrow(1, 0, 4).unwrap();
+        let (w, b) = (t(&[2, 4, 1, 1], 104729), t(&[2], 31));
+        let want = be.download(&be.conv2d(&part, &w, Some(&b), 1, 0).unwrap()).unwrap();
+        let before = be.download(&whole).unwrap();
+        let got = be.download(&be.conv2d_reusing(part, &w, Some(&b), 1, 0).unwrap()).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(be.download(&whole).unwrap(), before, "the map a view came from was changed");
     }
 
     #[test]
