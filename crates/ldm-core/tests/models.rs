@@ -151,10 +151,11 @@ fn autoencoders_loaded_for_decoding_read_no_encoder_tensor_and_decode_the_same()
     use ldm_core::models::{autoencoder_kl, vq_model};
     use ldm_core::nn::Weights;
     use std::sync::{Arc, Mutex};
-    let recording = |folder: &str| {
+    // a component's folder and its weights, recording what is read
+    let open = |folder: &str| {
         let read = Arc::new(Mutex::new(Vec::new()));
         let src = find_weights(&fixtures().join(folder), &["diffusion_pytorch_model"]).unwrap();
-        (Weights::new(Cpu, Box::new(Recording(src, read.clone()))), read)
+        (fixtures().join(folder), Weights::new(Cpu, Box::new(Recording(src, read.clone()))), read)
     };
     let check = |what: &str, w: &Weights<Cpu>, read: &Mutex<Vec<String>>| {
         assert!(w.unused().is_empty(), "{what}: unused tensors: {:?}", w.unused());
@@ -164,9 +165,7 @@ fn autoencoders_loaded_for_decoding_read_no_encoder_tensor_and_decode_the_same()
         assert!(enc.is_empty(), "{what}: encoder tensors read: {enc:?}");
     };
 
-    let folder = "txt2img-tiny/vqvae";
-    let dir = fixtures().join(folder);
-    let (w, read) = recording(folder);
+    let (dir, w, read) = open("txt2img-tiny/vqvae");
     let vae = autoencoder_kl::AutoencoderKL::load_decoder(autoencoder_kl::read_config(&dir).unwrap(), &dir, &w).unwrap();
     check("AutoencoderKL", &w, &read);
     let r = Reference::open("vae_kl");
@@ -174,9 +173,7 @@ fn autoencoders_loaded_for_decoding_read_no_encoder_tensor_and_decode_the_same()
     let err = vae.encode(&r.tensor("image")).err().expect("a decoder-only AutoencoderKL encoded");
     assert!(err.to_string().contains("AutoencoderKL::load to encode"), "{err}");
 
-    let folder = "superres-tiny/vqvae";
-    let dir = fixtures().join(folder);
-    let (w, read) = recording(folder);
+    let (dir, w, read) = open("superres-tiny/vqvae");
     let vq = vq_model::VQModel::load_decoder(vq_model::read_config(&dir).unwrap(), &dir, &w).unwrap();
     check("VQModel", &w, &read);
     let r = Reference::open("vq");

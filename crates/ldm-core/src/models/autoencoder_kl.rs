@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::backend::Backend;
 use crate::models::config::{self, check_size, MAX_CHANNELS};
-use crate::models::vae::{CoderCfg, Decoder, Encoder};
+use crate::models::vae::{self, CoderCfg, Decoder, Encoder};
 use crate::nn::{Conv2d, Weights};
 use crate::{Error, Result};
 
@@ -108,8 +108,7 @@ impl<B: Backend> AutoencoderKL<B> {
             let quant_conv = if config.use_quant_conv { Some(Conv2d::load(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
             Some((Encoder::load(&w.pp("encoder"), &coder, config.in_channels, 2 * l)?, quant_conv))
         } else {
-            w.pp("encoder").skip()?;
-            w.pp("quant_conv").skip()?;
+            vae::skip_encoder(w)?;
             None
         };
         let post_quant_conv = if config.use_post_quant_conv { Some(Conv2d::load(&w.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
@@ -125,11 +124,7 @@ impl<B: Backend> AutoencoderKL<B> {
     /// `image (B, C, H, W)` in [-1, 1] to the latent distribution (`latent_dist` in diffusers).
     pub fn encode(&self, image: &B::Tensor) -> Result<LatentDist<B::Tensor>> {
         let be = &self.be;
-        let (encoder, quant_conv) = self.encoder.as_ref().ok_or_else(|| {
-            Error::Unsupported(
-                "this AutoencoderKL was loaded for decoding only (AutoencoderKL::load_decoder); load it with AutoencoderKL::load to encode".into(),
-            )
-        })?;
+        let (encoder, quant_conv) = self.encoder.as_ref().ok_or_else(|| vae::no_encoder("AutoencoderKL"))?;
         let mut h = encoder.forward(image)?;
         if let Some(q) = quant_conv {
             h = q.forward(&h)?;

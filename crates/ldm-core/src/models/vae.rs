@@ -230,6 +230,18 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
+/// Marks an autoencoder's encoding half (`encoder`, `quant_conv`) as deliberately left unread,
+/// for a model loaded for decoding only.
+pub(crate) fn skip_encoder<B: Backend>(w: &Weights<B>) -> Result<()> {
+    w.pp("encoder").skip()?;
+    w.pp("quant_conv").skip()
+}
+
+/// The error of `encode` on an autoencoder of type `model` loaded for decoding only.
+pub(crate) fn no_encoder(model: &str) -> Error {
+    Error::Unsupported(format!("this {model} was loaded for decoding only ({model}::load_decoder); load it with {model}::load to encode"))
+}
+
 /// The stages of an up path whose blocks have `(resnets, upsampling)` ([`Decoder::stages`]).
 fn stages(blocks: &[(usize, bool)]) -> Vec<Vec<Part>> {
     let mut stages = Vec::new();

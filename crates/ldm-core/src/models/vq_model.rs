@@ -6,9 +6,9 @@ use serde::Deserialize;
 
 use crate::backend::Backend;
 use crate::models::config::{self, check_size, check_unsupported, MAX_CHANNELS};
-use crate::models::vae::{CoderCfg, Decoder, Encoder};
+use crate::models::vae::{self, CoderCfg, Decoder, Encoder};
 use crate::nn::{Conv2d, Weights};
-use crate::{Error, Result};
+use crate::Result;
 
 /// The keys of `config.json` that this model reads, with diffusers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -107,8 +107,7 @@ impl<B: Backend> VQModel<B> {
         let encoder = if with_encoder {
             Some((Encoder::load(&w.pp("encoder"), &coder, config.in_channels, l)?, Conv2d::load(&w.pp("quant_conv"), l, e, 1, 1, 0)?))
         } else {
-            w.pp("encoder").skip()?;
-            w.pp("quant_conv").skip()?;
+            vae::skip_encoder(w)?;
             None
         };
         Ok(Self {
@@ -123,9 +122,7 @@ impl<B: Backend> VQModel<B> {
 
     /// Image to (unquantised) latents, as diffusers' `encode(...).latents`.
     pub fn encode(&self, image: &B::Tensor) -> Result<B::Tensor> {
-        let (encoder, quant_conv) = self.encoder.as_ref().ok_or_else(|| {
-            Error::Unsupported("this VQModel was loaded for decoding only (VQModel::load_decoder); load it with VQModel::load to encode".into())
-        })?;
+        let (encoder, quant_conv) = self.encoder.as_ref().ok_or_else(|| vae::no_encoder("VQModel"))?;
         quant_conv.forward(&encoder.forward(image)?)
     }
 

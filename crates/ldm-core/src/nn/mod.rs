@@ -273,7 +273,7 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// [`Self::forward_with`] taking the input: where the caller holds no other handle to it,
     /// it is freed as soon as the first convolution and the shortcut have read it.
     pub fn forward_owned(&self, x: B::Tensor, temb: Option<&B::Tensor>, norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
-        self.forward_input(Input::Owned(x), temb, norm)
+        self.forward_input(x, false, temb, norm)
     }
 
     /// [`Self::forward_owned`] of a map that nothing else refers to (no clone, no view of its
@@ -281,13 +281,13 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// the input's memory ([`Backend::conv2d_reusing`]), so the input, the first convolution's
     /// output and the shortcut's are never all alive at once.
     pub fn forward_sole(&self, x: B::Tensor, temb: Option<&B::Tensor>, norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
-        self.forward_input(Input::Sole(x), temb, norm)
+        self.forward_input(x, true, temb, norm)
     }
 
-    fn forward_input(&self, x: Input<B::Tensor>, temb: Option<&B::Tensor>, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
+    /// The block on `x`, which nothing else refers to where `sole`.
+    fn forward_input(&self, x: B::Tensor, sole: bool, temb: Option<&B::Tensor>, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
         let be = &self.be;
-        let (Input::Owned(xt) | Input::Sole(xt)) = &x;
-        let mut h = self.conv1.forward_normed(&self.norm1, xt, norm.as_deref_mut())?;
+        let mut h = self.conv1.forward_normed(&self.norm1, &x, norm.as_deref_mut())?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&be.silu(t)?)?;
             let d = be.dims(&t);
@@ -296,10 +296,10 @@ impl<B: Backend> ResnetBlock2D<B> {
         // each map is dropped as soon as nothing reads it: at most the input (or the shortcut's
         // output), one normalised map (none where the convolution normalises as it reads it)
         // and one output are alive (what the memory estimate counts)
-        let skip = match (&self.conv_shortcut, x) {
-            (Some(c), Input::Sole(x)) => c.forward_reusing(x)?,
-            (Some(c), Input::Owned(x)) => c.forward(&x)?,
-            (None, Input::Owned(x) | Input::Sole(x)) => x,
+        let skip = match &self.conv_shortcut {
+            Some(c) if sole => c.forward_reusing(x)?,
+            Some(c) => c.forward(&x)?,
+            None => x,
         };
         let h2 = self.conv2.forward_normed(&self.norm2, &h, norm)?;
         drop(h);
@@ -310,12 +310,6 @@ impl<B: Backend> ResnetBlock2D<B> {
             Ok(out)
         }
     }
-}
-
-/// How a resnet holds its input ([`ResnetBlock2D::forward_owned`], [`ResnetBlock2D::forward_sole`]).
-enum Input<T> {
-    Owned(T),
-    Sole(T),
 }
 
 /// diffusers `Downsample2D` with a convolution: stride 2, and with `padding == 0` the

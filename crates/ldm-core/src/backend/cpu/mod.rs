@@ -392,11 +392,9 @@ impl Backend for Cpu {
     fn conv2d_reusing(&self, x: Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
         let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
         // one image, 1x1 to fewer channels: the output fits where the input was
-        let fits = w.dtype() == DType::F32 && x.dtype() == DType::F32 && xd.len() == 4 && wd.len() == 4 && xd[0] == 1;
-        if !(fits && wd[1] == xd[1] && wd[0] <= xd[1] && wd[2] == 1 && wd[3] == 1 && stride == 1 && padding == 0) {
-            return self.conv2d(&x, w, b, stride, padding);
-        }
-        let Some(mut data) = take_f32(&x)? else {
+        let fits = w.dtype() == DType::F32 && xd.len() == 4 && xd[0] == 1 && wd[..] == [wd[0], xd[1], 1, 1] && wd[0] <= xd[1];
+        let taken = if fits && stride == 1 && padding == 0 { take_f32(&x)? } else { None };
+        let Some(mut data) = taken else {
             return self.conv2d(&x, w, b, stride, padding);
         };
         drop(x);
