@@ -282,7 +282,9 @@ mod tests {
         }
         let big = ConvShape { n: 1, c: 4, h: 64, w: 64, o: 4, kh: 3, kw: 3, stride: 1, padding: 1 };
         assert!(std::ptr::eq(winograd::choose(big).unwrap(), &winograd::F4));
-        assert!(std::ptr::eq(winograd::choose(ConvShape { h: 32, w: 32, ..big }).unwrap(), &winograd::F2));
+        // 64 tiles of F(4x4): while its kernel transform is small (16 MiB), else F(2x2)
+        assert!(std::ptr::eq(winograd::choose(ConvShape { h: 32, w: 32, c: 320, o: 320, ..big }).unwrap(), &winograd::F4));
+        assert!(std::ptr::eq(winograd::choose(ConvShape { h: 32, w: 32, c: 512, o: 512, ..big }).unwrap(), &winograd::F2));
         assert!(winograd::choose(ConvShape { h: 16, w: 16, ..big }).is_none());
         // no channels: the banded product (bias only), not a tiling
         // no channels, or empty planes: refused, not a panic
