@@ -74,6 +74,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x (..., in)` times `w (out, in)` transposed, plus `b (out)`: `torch.nn.Linear`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    /// `gelu(linear(x, w, b))`, the exact GELU after a linear layer (a feed-forward's first
+    /// half); a backend may apply it as each block of the product is finished. The default is
+    /// the two steps.
+    fn linear_gelu(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+        self.gelu(&self.linear(x, w, b)?)
+    }
+    /// `residual + linear(x, w, b)`, a linear layer closing a residual connection (`residual`
+    /// has the output's shape); a backend may add it as each block of the product is finished.
+    /// The default is the two steps.
+    fn linear_add(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, residual: &Self::Tensor) -> Result<Self::Tensor> {
+        self.add(residual, &self.linear(x, w, b)?)
+    }
     /// `torch.nn.Conv2d` with symmetric zero padding; `x (N, C, H, W)`, `w (O, C, kh, kw)`.
     fn conv2d(
         &self,

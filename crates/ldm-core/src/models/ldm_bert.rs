@@ -85,10 +85,9 @@ impl<B: Backend> EncoderLayer<B> {
         let k = self.k_proj.forward(&h)?;
         let v = self.v_proj.forward(&h)?;
         let o = be.attention_heads(&q, &k, &v, self.heads, 1.0)?;
-        let x = be.add(x, &self.out_proj.forward(&o)?)?;
+        let x = self.out_proj.forward_add(&o, x)?;
         let h = self.final_layer_norm.forward(&x)?;
-        let h = self.fc2.forward(&be.gelu(&self.fc1.forward(&h)?)?)?;
-        be.add(&x, &h)
+        self.fc2.forward_add(&self.fc1.forward_gelu(&h)?, &x)
     }
 }
 

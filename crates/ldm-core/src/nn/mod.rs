@@ -25,6 +25,16 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, x: &B::Tensor) -> Result<B::Tensor> {
         self.be.linear(x, &self.w, self.b.as_ref())
     }
+
+    /// `gelu(self.forward(x))` in one pass where the backend can ([`Backend::linear_gelu`]).
+    pub fn forward_gelu(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        self.be.linear_gelu(x, &self.w, self.b.as_ref())
+    }
+
+    /// `residual + self.forward(x)` in one pass where the backend can ([`Backend::linear_add`]).
+    pub fn forward_add(&self, x: &B::Tensor, residual: &B::Tensor) -> Result<B::Tensor> {
+        self.be.linear_add(x, &self.w, self.b.as_ref(), residual)
+    }
 }
 
 /// `torch.nn.Conv2d` with a square kernel and symmetric padding.

@@ -45,19 +45,38 @@ pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Vec<f32>> {
     Ok(packed)
 }
 
-/// `out (rows, out_dim) = x w^T + bias` for `x (rows, in_dim)` and `w` as [`pack`] made it.
-pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) -> Result<()> {
-    linear_on(avx2(), out, x, w, bias, in_dim, out_dim)
+/// What is done to each value of a product's output once its sum is complete, by the task that
+/// made it (while it is still in cache), instead of in a pass of its own over the whole output.
+/// The values are exactly those of the separate step.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<'a> {
+    None,
+    /// The exact GELU ([`super::math::gelu_inplace`]).
+    Gelu,
+    /// `residual[i] + value` for the output's own layout, `rows x out_dim` (a residual
+    /// connection after the layer).
+    Add(&'a [f32]),
+}
+
+/// `out (rows, out_dim) = epi(x w^T + bias)` for `x (rows, in_dim)` and `w` as [`pack`] made it.
+pub fn linear(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_dim: usize, out_dim: usize, epi: Epilogue<'_>) -> Result<()> {
+    linear_on(avx2(), out, x, w, bias, in_dim, out_dim, epi)
 }
 
 /// [`linear`] on the AVX2 micro-kernel (`native`, where the CPU has it) or the plain loops.
-fn linear_on(native: bool, out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_dim: usize, out_dim: usize) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn linear_on(native: bool, out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, in_dim: usize, out_dim: usize, epi: Epilogue<'_>) -> Result<()> {
     if !packable(out_dim, in_dim) || w.len() != out_dim * in_dim || !x.len().is_multiple_of(in_dim) {
         return Err(Error::Backend(format!("linear: {} inputs of width {in_dim} for a packed {out_dim}x{in_dim} weight", x.len())));
     }
     let rows = x.len() / in_dim;
     if out.len() != rows * out_dim || bias.is_some_and(|b| b.len() != out_dim) {
         return Err(Error::Backend(format!("linear: an output of {} values for {rows} rows of {out_dim}", out.len())));
+    }
+    if let Epilogue::Add(r) = epi {
+        if r.len() != out.len() {
+            return Err(Error::Backend(format!("linear: a residual of {} values for {rows} rows of {out_dim}", r.len())));
+        }
     }
     let panels = out_dim / NR;
     let chunks = rows.div_ceil(MC);
@@ -85,6 +104,20 @@ fn linear_on(native: bool, out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&
                 // SAFETY: `c` as said where it is formed; `a` holds `mr` rows of `kc` values
                 // `lda` apart (the rows lie in `x`, checked above).
                 unsafe { block.run(native) };
+            }
+        }
+        if matches!(epi, Epilogue::None) {
+            return;
+        }
+        for r in r0..r1 {
+            let at = r * out_dim + p * NR;
+            // SAFETY: columns p NR .. p NR + NR of row r: inside `out` (checked above), this
+            // task's alone, and no block of it is being written any more
+            let vals = unsafe { std::slice::from_raw_parts_mut(dst.get().wrapping_add(at), NR) };
+            match epi {
+                Epilogue::None => {}
+                Epilogue::Gelu => super::math::gelu_seq(vals),
+                Epilogue::Add(res) => vals.iter_mut().zip(&res[at..at + NR]).for_each(|(v, &r)| *v = r + *v),
             }
         }
     };
@@ -253,9 +286,9 @@ mod tests {
             for native in [false, avx2()] {
                 for bias in [None, Some(&b[..])] {
                     let mut out = vec![f32::NAN; rows * out_dim];
-                    pool.install(|| linear_on(native, &mut out, &x, &packed, bias, in_dim, out_dim)).unwrap();
+                    pool.install(|| linear_on(native, &mut out, &x, &packed, bias, in_dim, out_dim, Epilogue::None)).unwrap();
                     let mut via_linear = vec![0f32; rows * out_dim];
-                    pool.install(|| linear(&mut via_linear, &x, &packed, bias, in_dim, out_dim)).unwrap();
+                    pool.install(|| linear(&mut via_linear, &x, &packed, bias, in_dim, out_dim, Epilogue::None)).unwrap();
                     for r in 0..rows {
                         for o in 0..out_dim {
                             let terms = (0..in_dim).map(|k| x[r * in_dim + k] as f64 * w[o * in_dim + k] as f64);
@@ -274,14 +307,42 @@ mod tests {
     }
 
     #[test]
+    fn epilogues_give_exactly_the_separate_steps() {
+        // rows across task blocks, on 1 and 2 threads: every task applies it to its own block
+        for ((rows, in_dim, out_dim), threads) in [(7, 300, 32), (200, 40, 48), (400, 20, 16)].into_iter().flat_map(|s| [(s, 1), (s, 2)]) {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let x: Vec<f32> = values(rows * in_dim, 1).iter().map(|v| v * 0.2).collect();
+            let packed = pack(&values(out_dim * in_dim, 2), out_dim, in_dim).unwrap();
+            let (b, res) = (values(out_dim, 3), values(rows * out_dim, 4));
+            let run = |epi| {
+                let mut out = vec![f32::NAN; rows * out_dim];
+                pool.install(|| linear(&mut out, &x, &packed, Some(&b), in_dim, out_dim, epi)).unwrap();
+                out
+            };
+            let plain = run(Epilogue::None);
+            let mut gelu = plain.clone();
+            super::super::math::gelu_inplace(&mut gelu);
+            let added: Vec<f32> = res.iter().zip(&plain).map(|(r, v)| r + v).collect();
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&run(Epilogue::Gelu), &gelu), "gelu, {rows}x{in_dim}x{out_dim}, {threads} threads");
+            assert!(same(&run(Epilogue::Add(&res)), &added), "add, {rows}x{in_dim}x{out_dim}, {threads} threads");
+            // the values differ from the plain product, so the comparisons above say something
+            assert!(!same(&gelu, &plain) && !same(&added, &plain));
+        }
+        let packed = pack(&[0.0; 32 * 4], 32, 4).unwrap();
+        let e = linear(&mut [0.0; 64], &[0.0; 8], &packed, None, 4, 32, Epilogue::Add(&[0.0; 63])).unwrap_err();
+        assert!(e.to_string().contains("residual of 63 values"), "{e}");
+    }
+
+    #[test]
     fn unpackable_shapes_and_wrong_sizes_are_refused() {
         assert!(!packable(40, 8) && packable(48, 1) && !packable(0, 8) && !packable(16, 0));
         assert!(pack(&[0.0; 40 * 8], 40, 8).is_err());
         let packed = pack(&[0.0; 32 * 4], 32, 4).unwrap();
         let mut out = vec![0.0; 2 * 32];
-        assert!(linear(&mut out, &[0.0; 7], &packed, None, 4, 32).is_err());
-        assert!(linear(&mut out, &[0.0; 12], &packed, None, 4, 32).is_err());
-        assert!(linear(&mut out, &[0.0; 8], &packed, Some(&[0.0; 31]), 4, 32).is_err());
-        assert!(linear(&mut out, &[0.0; 8], &packed, None, 4, 32).is_ok());
+        assert!(linear(&mut out, &[0.0; 7], &packed, None, 4, 32, Epilogue::None).is_err());
+        assert!(linear(&mut out, &[0.0; 12], &packed, None, 4, 32, Epilogue::None).is_err());
+        assert!(linear(&mut out, &[0.0; 8], &packed, Some(&[0.0; 31]), 4, 32, Epilogue::None).is_err());
+        assert!(linear(&mut out, &[0.0; 8], &packed, None, 4, 32, Epilogue::None).is_ok());
     }
 }

@@ -103,7 +103,9 @@ dispatch! {
 }
 
 dispatch! {
-    fn gelu_seq(xs: &mut [f32]) {
+    /// The exact GELU in place on this thread ([`gelu_inplace`] spreads a long slice over the
+    /// pool).
+    pub(super) fn gelu_seq(xs: &mut [f32]) {
         for x in xs.iter_mut() {
             *x = gelu(*x);
         }

@@ -160,19 +160,42 @@ fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     tensor(out, &shape)
 }
 
-/// `x w^T (+ b)` for a weight packed by [`linear::pack`], an f32 tensor `(out / NR, in, NR)`.
-fn linear_packed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// What a packed linear layer's product does to its output in the same pass.
+#[derive(Clone, Copy)]
+enum After<'a> {
+    Nothing,
+    Gelu,
+    /// Adds this tensor, of the output's shape.
+    Add(&'a Tensor),
+}
+
+/// `x w^T (+ b)`, then `after`, for a weight packed by [`linear::pack`], an f32 tensor
+/// `(out / NR, in, NR)`.
+fn linear_packed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, after: After<'_>) -> Result<Tensor> {
     let (panels, in_dim, width) = w.dims3()?;
     let out_dim = panels * linear::NR;
     let dims = x.dims();
     if width != linear::NR || dims.last() != Some(&in_dim) {
         return Err(Error::Backend(format!("linear: a packed weight of {:?} for input {dims:?}", w.dims())));
     }
-    let mut out = vec![0f32; x.elem_count() / in_dim.max(1) * out_dim];
-    let bias = b.map(contiguous_f32).transpose()?;
-    with_f32(w, |packed| with_f32(x, |x| linear::linear(&mut out, x, packed, bias.as_deref(), in_dim, out_dim)))???;
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap_or(&mut 0) = out_dim;
+    let mut out = vec![0f32; x.elem_count() / in_dim.max(1) * out_dim];
+    let bias = b.map(contiguous_f32).transpose()?;
+    let run = |epi: linear::Epilogue<'_>, out: &mut [f32]| -> Result<()> {
+        with_f32(w, |packed| with_f32(x, |x| linear::linear(out, x, packed, bias.as_deref(), in_dim, out_dim, epi)))???;
+        Ok(())
+    };
+    match after {
+        After::Nothing => run(linear::Epilogue::None, &mut out)?,
+        After::Gelu => run(linear::Epilogue::Gelu, &mut out)?,
+        After::Add(r) => {
+            if r.dims() != shape {
+                return Err(Error::Backend(format!("linear: a residual of {:?} for an output of {shape:?}", r.dims())));
+            }
+            with_f32(r, |r| run(linear::Epilogue::Add(r), &mut out))??
+        }
+    }
     tensor(out, &shape)
 }
 
@@ -339,7 +362,7 @@ impl Backend for Cpu {
             return linear_bf16(x, w, b);
         }
         if w.rank() == 3 {
-            return linear_packed(x, w, b);
+            return linear_packed(x, w, b, After::Nothing);
         }
         let dims = x.dims();
         let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
@@ -360,6 +383,20 @@ impl Backend for Cpu {
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = out_dim;
         tensor(out, &shape)
+    }
+
+    fn linear_gelu(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        if w.dtype() == DType::F32 && w.rank() == 3 {
+            return linear_packed(x, w, b, After::Gelu);
+        }
+        self.gelu(&self.linear(x, w, b)?)
+    }
+
+    fn linear_add(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+        if w.dtype() == DType::F32 && w.rank() == 3 && residual.dtype() == DType::F32 {
+            return linear_packed(x, w, b, After::Add(residual));
+        }
+        self.add(residual, &self.linear(x, w, b)?)
     }
 
     fn upload_conv_weight(&self, data: Vec<f32>, shape: [usize; 4]) -> Result<Tensor> {
@@ -531,6 +568,30 @@ impl Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_linear_layers_equal_the_two_steps() {
+        // a packed weight (32 outputs), one that cannot be packed (40) and bf16 weights
+        for (be, out_dim) in [(Cpu::new(), 32), (Cpu::new(), 40), (Cpu::with_bf16_weights(), 32)] {
+            let vals = |n: usize, k: usize| (0..n).map(|i| ((i * k) % 89) as f32 / 44.0 - 1.0).collect::<Vec<f32>>();
+            let x = be.upload(vals(3 * 5 * 24, 7), &[3, 5, 24]).unwrap();
+            let w = be.upload_linear_weight(vals(out_dim * 24, 11), out_dim, 24).unwrap();
+            let b = be.upload(vals(out_dim, 13), &[out_dim]).unwrap();
+            let r = be.upload(vals(3 * 5 * out_dim, 17), &[3, 5, out_dim]).unwrap();
+            let plain = be.linear(&x, &w, Some(&b)).unwrap();
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let fused = be.linear_gelu(&x, &w, Some(&b)).unwrap();
+            assert_eq!(bits(&fused), bits(&be.gelu(&plain).unwrap()), "gelu, {out_dim} outputs");
+            let fused = be.linear_add(&x, &w, Some(&b), &r).unwrap();
+            assert_eq!(bits(&fused), bits(&be.add(&r, &plain).unwrap()), "add, {out_dim} outputs");
+            assert_eq!(fused.dims(), &[3, 5, out_dim]);
+        }
+        let be = Cpu::new();
+        let w = be.upload_linear_weight(vec![0.5; 32 * 4], 32, 4).unwrap();
+        let x = be.upload(vec![1.0; 8], &[2, 4]).unwrap();
+        let e = be.linear_add(&x, &w, None, &be.upload(vec![0.0; 32], &[1, 32]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("residual of [1, 32]"), "{e}");
+    }
 
     #[test]
     fn fused_norm_and_upsampling_convolutions_equal_the_two_steps() {
