@@ -346,16 +346,32 @@ fn split_phases(row: &mut [f32], src: Option<&[f32]>, m: usize, phase_len: usize
     }
 }
 
-/// `dst = src[..dst.len()]`, with a fixed-size copy (no call to memcpy) for whole vectors.
+/// `dst = src[..dst.len()]` for at most [`L`] values, in fixed-size copies of 16 and 8 (the
+/// transforms' whole and half vectors: a row of 8 tiles is common) that compile to register
+/// moves, not to a call to memcpy as a copy of unknown length does.
 #[inline(always)]
 fn copy_lanes(dst: &mut [f32], src: &[f32]) {
-    if let (Ok(d), Some(Ok(s))) = (
-        <&mut V>::try_from(&mut *dst),
-        src.get(..L).map(<&V>::try_from),
-    ) {
+    let n = dst.len();
+    let src = &src[..n];
+    let mut i = 0;
+    while n - i >= 16 {
+        copy_fixed::<16>(&mut dst[i..i + 16], &src[i..i + 16]);
+        i += 16;
+    }
+    if n - i >= 8 {
+        copy_fixed::<8>(&mut dst[i..i + 8], &src[i..i + 8]);
+        i += 8;
+    }
+    for (d, &v) in dst[i..].iter_mut().zip(&src[i..]) {
+        *d = v;
+    }
+}
+
+/// `dst = src` for slices of exactly `N` values.
+#[inline(always)]
+fn copy_fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
+    if let (Ok(d), Ok(s)) = (<&mut [f32; N]>::try_from(dst), <&[f32; N]>::try_from(src)) {
         *d = *s;
-    } else {
-        dst.copy_from_slice(&src[..dst.len()]);
     }
 }
 
@@ -533,7 +549,7 @@ crate::backend::cpu::math::dispatch! {
             let n = W.min(c - c0);
             let mut taps = [[0f32; W]; 9];
             for (tap, t) in taps.iter_mut().enumerate() {
-                t[..n].copy_from_slice(&wt[tap * c + c0..][..n]);
+                copy_lanes(&mut t[..n], &wt[tap * c + c0..][..n]);
             }
             for (cf, row) in coef.chunks_exact(9).zip(dst.chunks_exact_mut(c)) {
                 let mut acc = [0f32; W];
