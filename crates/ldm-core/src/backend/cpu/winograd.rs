@@ -558,8 +558,14 @@ crate::backend::cpu::math::dispatch! {
                         *s += k * v;
                     }
                 }
-                for (d, &v) in row[c0..c0 + n].iter_mut().zip(&acc) {
-                    d.write(v);
+                // (a whole chunk is written with a fixed-size copy: one of unknown length
+                // would be a call to memcpy)
+                if let Ok(whole) = <&mut [MaybeUninit<f32>; W]>::try_from(&mut row[c0..c0 + n]) {
+                    *whole = acc.map(MaybeUninit::new);
+                } else {
+                    for (d, &v) in row[c0..c0 + n].iter_mut().zip(&acc) {
+                        d.write(v);
+                    }
                 }
             }
         }
