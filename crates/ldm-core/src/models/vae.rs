@@ -191,16 +191,13 @@ impl<B: Backend> Decoder<B> {
     /// `norm` where one is given (else with the convolution after it). Each map is freed as soon
     /// as the stage has read it, `h` included where the caller holds no other handle to it; the
     /// maps the stage makes itself are its alone, so a resnet after an upsampling may reuse
-    /// its input's memory ([`ResnetBlock2D::forward_sole`]).
+    /// its input's memory ([`ResnetBlock2D::forward_input`]).
     pub fn forward_stage(&self, s: usize, mut h: B::Tensor, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
         // whether h is a map this stage made (the stage's input may be shared with the caller)
         let mut sole = false;
         for &part in &self.stages[s] {
             (h, sole) = match part {
-                Part::Resnet(b, j) => {
-                    let r = &self.blocks[b].resnets[j];
-                    (if sole { r.forward_sole(h, None, norm.as_deref_mut())? } else { r.forward_owned(h, None, norm.as_deref_mut())? }, true)
-                }
+                Part::Resnet(b, j) => (self.blocks[b].resnets[j].forward_input(h, sole, None, norm.as_deref_mut())?, true),
                 Part::Up(b) => match &self.blocks[b].up {
                     Some(u) => (u.forward(&h, None)?, true),
                     None => (h, sole),

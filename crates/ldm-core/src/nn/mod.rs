@@ -286,16 +286,11 @@ impl<B: Backend> ResnetBlock2D<B> {
         self.forward_input(x, false, temb, norm)
     }
 
-    /// [`Self::forward_owned`] of a map that nothing else refers to (no clone, no view of its
-    /// storage): the shortcut convolution, where there is one, may then write its output into
-    /// the input's memory ([`Backend::conv2d_reusing`]), so the input, the first convolution's
-    /// output and the shortcut's are never all alive at once.
-    pub fn forward_sole(&self, x: B::Tensor, temb: Option<&B::Tensor>, norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
-        self.forward_input(x, true, temb, norm)
-    }
-
-    /// The block on `x`, which nothing else refers to where `sole`.
-    fn forward_input(&self, x: B::Tensor, sole: bool, temb: Option<&B::Tensor>, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
+    /// [`Self::forward_owned`], told whether `x` is `sole`: a map that nothing else refers to
+    /// (no clone, no view of its storage). The shortcut convolution, where there is one, may
+    /// then write its output into the input's memory ([`Backend::conv2d_reusing`]), so the
+    /// input, the first convolution's output and the shortcut's are never all alive at once.
+    pub fn forward_input(&self, x: B::Tensor, sole: bool, temb: Option<&B::Tensor>, mut norm: Option<&mut NormSilu<'_, B>>) -> Result<B::Tensor> {
         let be = &self.be;
         let mut h = self.conv1.forward_normed(&self.norm1, &x, norm.as_deref_mut())?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
@@ -308,7 +303,11 @@ impl<B: Backend> ResnetBlock2D<B> {
         // and one output are alive (what the memory estimate counts)
         let skip = match &self.conv_shortcut {
             Some(c) if sole => c.forward_reusing(x)?,
-            Some(c) => c.forward(&x)?,
+            Some(c) => {
+                let skip = c.forward(&x)?;
+                drop(x);
+                skip
+            }
             None => x,
         };
         let h2 = self.conv2.forward_normed(&self.norm2, &h, norm)?;

@@ -291,7 +291,8 @@ pub fn native() -> bool {
     }
 }
 
-/// The output of parallel tasks that write disjoint blocks of it (also [`super::linear`]).
+/// The output of parallel tasks that write disjoint blocks of it (also [`super::linear`] and
+/// [`super::conv::conv1x1_in_place`]).
 #[derive(Clone, Copy)]
 pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: the tasks write disjoint parts of the one buffer through it.

@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::bf16::SendPtr;
 use super::gemm::{gemm, Mat, MatMut, Par};
 use super::winograd::{self, Prologue};
 use crate::{Error, Result};
@@ -139,18 +140,6 @@ fn conv2d_banded(
 /// Positions per task of [`conv1x1_in_place`].
 const IN_PLACE_BLOCK: usize = 512;
 
-/// A raw pointer that tasks of [`conv1x1_in_place`] share; each touches its own positions only.
-struct Shared(*mut f32);
-// SAFETY: see conv1x1_in_place: the tasks' reads and writes are disjoint.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// A 1x1 convolution (stride 1, no padding) of one image to no more channels than it reads,
 /// computed in the input's own buffer: `x` holds the `(c, p)` input planes on entry and the
 /// `(o, p)` output planes (plus `bias`) in its first `o * p` values on return; the rest is left
@@ -162,7 +151,8 @@ pub fn conv1x1_in_place(x: &mut [f32], weight: &[f32], bias: Option<&[f32]>, c: 
         return Err(Error::Backend(format!("conv1x1_in_place: {c} -> {o} channels of {p} positions do not match the buffers")));
     }
     let w = Mat::rows(weight, o, c);
-    let base = Shared(x.as_mut_ptr());
+    // the tasks' reads and writes are disjoint (each touches its own positions only)
+    let base = SendPtr(x.as_mut_ptr());
     (0..p.div_ceil(IN_PLACE_BLOCK)).into_par_iter().try_for_each_init(
         || (vec![0f32; c * IN_PLACE_BLOCK], vec![0f32; o * IN_PLACE_BLOCK]),
         |(cols, prod), bi| {
@@ -170,7 +160,7 @@ pub fn conv1x1_in_place(x: &mut [f32], weight: &[f32], bias: Option<&[f32]>, c: 
             for (ci, dst) in cols[..c * n].chunks_exact_mut(n).enumerate() {
                 // SAFETY: positions p0 .. p0 + n of plane ci lie inside x, and no other task
                 // reads or writes them (each writes its own positions of the first o planes)
-                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(base.at(ci * p + p0), n) });
+                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(base.get().wrapping_add(ci * p + p0), n) });
             }
             let prod = &mut prod[..o * n];
             if let Some(b) = bias {
@@ -179,7 +169,7 @@ pub fn conv1x1_in_place(x: &mut [f32], weight: &[f32], bias: Option<&[f32]>, c: 
             gemm(MatMut::rows(prod, o, n), w, Mat::rows(&cols[..c * n], c, n), bias.is_some(), Par::Seq)?;
             for (oi, src) in prod.chunks_exact(n).enumerate() {
                 // SAFETY: as above; this block's inputs were all read into cols first
-                unsafe { std::slice::from_raw_parts_mut(base.at(oi * p + p0), n) }.copy_from_slice(src);
+                unsafe { std::slice::from_raw_parts_mut(base.get().wrapping_add(oi * p + p0), n) }.copy_from_slice(src);
             }
             Ok(())
         },

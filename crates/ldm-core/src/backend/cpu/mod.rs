@@ -160,6 +160,30 @@ fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     tensor(out, &shape)
 }
 
+/// `x w^T (+ b)` for an f32 weight that could not be packed (kept transposed,
+/// [`with_linear_weight`]), on the `gemm` crate.
+fn linear_gemm(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
+    let wd = w.dims();
+    if wd.len() != 2 || wd[1] != inner {
+        return Err(Error::Backend(format!("linear: weight {wd:?} for input {dims:?}")));
+    }
+    let (rows, out_dim) = (x.elem_count() / inner.max(1), wd[0]);
+    let mut out = vec![0f32; rows * out_dim];
+    if let Some(b) = b {
+        with_f32(b, |b| out.chunks_mut(out_dim.max(1)).for_each(|r| r.copy_from_slice(b)))?;
+    }
+    with_f32(x, |x| {
+        with_linear_weight(w, |w| {
+            gemm::gemm(gemm::MatMut::rows(&mut out, rows, out_dim), gemm::Mat::rows(x, rows, inner), w, b.is_some(), gemm::Par::Auto)
+        })
+    })???;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap_or(&mut 0) = out_dim;
+    tensor(out, &shape)
+}
+
 /// What a packed linear layer's product does to its output in the same pass.
 #[derive(Clone, Copy)]
 enum After<'a> {
@@ -358,45 +382,15 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        if w.dtype() == DType::BF16 {
-            return linear_bf16(x, w, b);
-        }
-        if w.rank() == 3 {
-            return linear_packed(x, w, b, After::Nothing);
-        }
-        let dims = x.dims();
-        let inner = *dims.last().ok_or_else(|| Error::Backend("linear on a scalar".into()))?;
-        let wd = w.dims();
-        if wd.len() != 2 || wd[1] != inner {
-            return Err(Error::Backend(format!("linear: weight {wd:?} for input {dims:?}")));
-        }
-        let (rows, out_dim) = (x.elem_count() / inner.max(1), wd[0]);
-        let mut out = vec![0f32; rows * out_dim];
-        if let Some(b) = b {
-            with_f32(b, |b| out.chunks_mut(out_dim.max(1)).for_each(|r| r.copy_from_slice(b)))?;
-        }
-        with_f32(x, |x| {
-            with_linear_weight(w, |w| {
-                gemm::gemm(gemm::MatMut::rows(&mut out, rows, out_dim), gemm::Mat::rows(x, rows, inner), w, b.is_some(), gemm::Par::Auto)
-            })
-        })???;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = out_dim;
-        tensor(out, &shape)
+        self.linear_then(x, w, b, After::Nothing)
     }
 
     fn linear_gelu(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        if w.dtype() == DType::F32 && w.rank() == 3 {
-            return linear_packed(x, w, b, After::Gelu);
-        }
-        self.gelu(&self.linear(x, w, b)?)
+        self.linear_then(x, w, b, After::Gelu)
     }
 
     fn linear_add(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-        if w.dtype() == DType::F32 && w.rank() == 3 && residual.dtype() == DType::F32 {
-            return linear_packed(x, w, b, After::Add(residual));
-        }
-        self.add(residual, &self.linear(x, w, b)?)
+        self.linear_then(x, w, b, After::Add(residual))
     }
 
     fn upload_conv_weight(&self, data: Vec<f32>, shape: [usize; 4]) -> Result<Tensor> {
@@ -541,6 +535,20 @@ impl Backend for Cpu {
 }
 
 impl Cpu {
+    /// A linear layer and what follows it: in the product's own pass for an f32 weight packed
+    /// by [`linear::pack`], else as a step of its own after the product.
+    fn linear_then(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, after: After<'_>) -> Result<Tensor> {
+        if w.dtype() == DType::F32 && w.rank() == 3 {
+            return linear_packed(x, w, b, after);
+        }
+        let out = if w.dtype() == DType::BF16 { linear_bf16(x, w, b)? } else { linear_gemm(x, w, b)? };
+        match after {
+            After::Nothing => Ok(out),
+            After::Gelu => self.gelu(&out),
+            After::Add(r) => self.add(r, &out),
+        }
+    }
+
     /// The shape of a convolution of `x` (upsampled 2x when `up2`) by the f32 weight `w` where
     /// it is done by Winograd's method, which can make its input as it reads it
     /// ([`winograd::Prologue`]); `None` where it is not (it then needs its input whole).
