@@ -79,12 +79,15 @@ function show(result) {
     out.appendChild(c);
     first = first || c;
   }
-  first.toBlob((blob) => {
+  // the download link is made asynchronously: resolved once it is in place, so that "done"
+  // is shown only when everything is
+  return new Promise((resolve) => first.toBlob((blob) => {
     const a = $("download");
     if (a.href.startsWith("blob:")) URL.revokeObjectURL(a.href);
     a.href = URL.createObjectURL(blob);
     a.hidden = false;
-  });
+    resolve();
+  }));
 }
 
 const num = (id) => Number($(id).value);
@@ -104,7 +107,7 @@ async function run(kind) {
     const { id, promise } = call({ type: kind, url, options }, showProgress);
     current = id;
     const result = await promise;
-    show(result);
+    await show(result);
     status(`done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   } catch (e) {
     status(e.name === "AbortError" ? "aborted" : `${e.name}: ${e.message}`, e.name !== "AbortError");
